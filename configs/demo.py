@@ -38,6 +38,8 @@ def get_config(arg: str | None = None):
     c.eval.candidates = os.path.join(data_dir, "vqa", "candidate.json")
     c.eval.batch_size = 16
     c.eval.max_new_tokens = 12
+    # The demo trains on "<image>\nquestion" only, so it is asked the same way.
+    c.eval.image_first = True
 
     c.alignment.k = 5
     c.alignment.graph_scope = "global"  # one CPU device: the graph spans the batch

@@ -229,6 +229,12 @@ def test_generation_prompt_matches_training_prefix(tok, template):
     first_target = int(np.argmax(ex.labels != IGNORE_INDEX))
     prompt = ct.prompt_ids("<image>\n" + question, has_image=True)
     np.testing.assert_array_equal(prompt, ex.input_ids[:first_target])
+    # image_first: the prefix of a conversation that puts the image first, as training data do.
+    conv[0]["value"] = "<image>\n" + question
+    ex = ct.tokenize_conversation(conv, has_image=True, max_len=200)
+    first_target = int(np.argmax(ex.labels != IGNORE_INDEX))
+    prompt = ct.prompt_ids(question + "\n<image>", has_image=True, image_first=True)
+    np.testing.assert_array_equal(prompt, ex.input_ids[:first_target])
     assert ct.prompt_text(question, has_image=False).endswith(
         {"llava_v0": "### Human: What is shown?\n### Assistant:",
          "vicuna_v1": "USER: What is shown? ASSISTANT:",

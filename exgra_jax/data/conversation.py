@@ -282,16 +282,19 @@ class ConversationTokenizer:
         return self.tokenize_text(answers_text(normalize_turns(conversation)), max_len)
 
     # ----------------------------------------------------------------------------------
-    def prompt_text(self, question: str, has_image: bool) -> str:
-        """LLaVA-Med VQA style prompt: `<image>` removed, image tokens after the question."""
+    def prompt_text(self, question: str, has_image: bool, image_first: bool = False) -> str:
+        """LLaVA-Med VQA style prompt: `<image>` removed, image tokens after the question
+        (LLaVA-Med's evaluation), or before it with ``image_first`` (how its training
+        conversations place them)."""
         question = question.replace(IMAGE_PLACEHOLDER, "").strip()
         if has_image:
-            question = question + "\n" + self._image_text
+            question = (self._image_text + "\n" + question if image_first
+                        else question + "\n" + self._image_text)
         return self.template.prompt(question)
 
-    def prompt_ids(self, question: str, has_image: bool) -> np.ndarray:
+    def prompt_ids(self, question: str, has_image: bool, image_first: bool = False) -> np.ndarray:
         """Token ids (BOS first, unpadded) of the generation prompt for one question."""
-        return self._encode(self.prompt_text(question, has_image))[0]
+        return self._encode(self.prompt_text(question, has_image, image_first))[0]
 
     @property
     def min_length_with_image(self) -> int:

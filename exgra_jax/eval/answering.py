@@ -129,6 +129,7 @@ class Answerer:
     max_new_tokens: int = 32
     batch_size: int = 8
     bucket: int = 32
+    image_first: bool = False  # image block before the question (else after: LLaVA-Med eval)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.bucket < 1:
@@ -142,7 +143,7 @@ class Answerer:
             pad_token_id=self.conv.ids["pad"], stop_strings=(self.conv.stop_string,))
 
     def prompt_ids(self, q: Question) -> np.ndarray:
-        return self.conv.prompt_ids(q.text, q.image is not None)
+        return self.conv.prompt_ids(q.text, q.image is not None, self.image_first)
 
     def answer(self, questions: Sequence[Question]) -> list[str]:
         """The answer text per question (stop string cut, stripped); one generate call."""

@@ -55,7 +55,7 @@ def run_zero_shot(config, model, out_path: str, *, template: str | None = None,
         image_config=ImageConfig(model.config.image_size, config.data.image_aspect),
         use_im_start_end=config.data.mm_use_im_start_end,
         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-        bucket=bucket)
+        bucket=bucket, image_first=config.eval.get("image_first", False))
 
     def make_record(q: Question, prompt: str, text: str) -> dict:
         return {**by_id[json.dumps(q.id)], "prompt": prompt, zs.GENERATED_FIELD: text,

@@ -70,6 +70,9 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
     c.eval = ml_collections.ConfigDict(dict(
         json_paths=(), image_folder="", batch_size=8, candidates="",
         max_new_tokens=32, select_metric="",
+        # Where the prompt puts the image: False after the question (LLaVA-Med's VQA
+        # evaluation), True before it (where LLaVA-Med's training conversations put it).
+        image_first=False,
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_slices=1))

@@ -39,12 +39,13 @@ def arm(data: str, out: str, fraction: float, align: bool, args) -> dict:
     tic = time.time()
     pre_steps = max(1, int(args.pretrain_epochs * fraction * args.pretrain_size / 16))
     sh(["launch/train.py", cfg, f"--workdir={pre}",
-        f"--config.data.json_paths={data}/pretrain.json,{data}/instruct.json",
+        f"--config.data.json_paths={(f'{data}/pretrain.json', f'{data}/instruct.json')!r}",
         f"--config.data.fraction={fraction}", f"--config.alignment.enabled={align}",
         f"--config.train.total_steps={pre_steps}", f"--config.train.seed={args.seed}"])
     # Fine-tuning is a new run (own schedule and data) initialised from the pre-trained params.
     sh(["launch/train.py", cfg, f"--workdir={fine}",
-        f"--config.data.json_paths={data}/vqa/train.json", "--config.alignment.enabled=False",
+        f"--config.data.json_paths={(f'{data}/vqa/train.json',)!r}",
+        "--config.alignment.enabled=False",
         "--config.init.source=workdir", f"--config.init.workdir={pre}",
         f"--config.train.total_steps={args.finetune_steps}", f"--config.train.seed={args.seed}"])
     answers = os.path.join(fine, "vqa_answers.jsonl")

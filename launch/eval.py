@@ -5,11 +5,12 @@
         --config.eval.json_paths=omni.json --config.eval.image_folder=OmniMedVQA
     python launch/eval.py --config=configs/NAME.py --workdir=OUT_DIR --hf_dir=HF --task=vqa
 
-Weights: the newest checkpoint in WORKDIR/checkpoints (or --step N), or a llava-hf
-directory (--hf_dir; WORKDIR then only receives the outputs). Without --config the
+Weights: the newest checkpoint in WORKDIR/checkpoints (or --step N; --step best: the best
+validation step that fine-tuning with config.eval.select_metric kept in WORKDIR/best), or a
+llava-hf directory (--hf_dir; WORKDIR then only receives the outputs). Without --config the
 training config saved in WORKDIR/config.json is used. Answers go to --out (default
-WORKDIR/eval/TASK_stepN.jsonl) and the metrics next to them (.metrics.json); the metrics
-JSON is also printed as the last line. Rerunning resumes: answered questions are skipped.
+WORKDIR/eval/TASK_stepN.jsonl, or TASK_best_stepN.jsonl) and the metrics next to them
+(.metrics.json); the metrics JSON is also printed as the last line. Rerunning resumes: answered questions are skipped.
 On several hosts, every host runs this same command.
 """
 
@@ -25,7 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
                                           "WORKDIR/config.json).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints; outputs).")
 _TASK = flags.DEFINE_enum("task", "vqa", ["vqa", "zero_shot"], "What to evaluate.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint step, or 'best' (the best validation "
+                            "step kept while fine-tuning); default: the newest.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Evaluate a llava-hf directory instead.")
 _OUT = flags.DEFINE_string("out", None, "Answers file (JSON lines).")
 _TEMPLATE = flags.DEFINE_string("template", None, "Conversation template (default: "
@@ -38,8 +40,16 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    from exgra_jax.eval.checkpoint_loading import read_workdir_config  # noqa: PLC0415
+    from exgra_jax.eval.checkpoint_loading import (  # noqa: PLC0415
+        BEST,
+        parse_step,
+        read_workdir_config,
+    )
 
+    try:
+        step = parse_step(_STEP.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     workdir = _WORKDIR.value
     config = _CONFIG.value if _CONFIG.value is not None else read_workdir_config(workdir)
     distributed.initialize(config.distributed)
@@ -53,8 +63,8 @@ def main(argv):
         model = load_for_eval(config, hf_dir=_HF_DIR.value)
         tag = "hf"
     else:
-        model = load_for_eval(config, workdir=workdir, step=_STEP.value)
-        tag = f"step{model.step}"
+        model = load_for_eval(config, workdir=workdir, step=step)
+        tag = f"best_step{model.step}" if step == BEST else f"step{model.step}"
     out = _OUT.value or os.path.join(workdir, "eval", f"{_TASK.value}_{tag}.jsonl")
     logging.info("evaluating %s (%s) -> %s", model.name, _TASK.value, out)
     run = run_vqa if _TASK.value == "vqa" else run_zero_shot

@@ -1,15 +1,21 @@
 """The jitted train step: sharded equals single-device, accumulation equals the big batch,
-frozen parameters stay put, non-finite updates are skipped."""
+frozen parameters stay put, non-finite updates are skipped, packed text branches equal
+unpacked ones."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_fixtures import random_batch, tiny_config
 
+from exgra_jax.models.llava import LlavaModel
 from exgra_jax.parallel import make_global_batch
 from exgra_jax.train import trainer
+from exgra_jax.train.step import forward_loss, pack_placement, text_branch_vectors, token_count
 
 ONE = jax.devices()[:1]
 
@@ -111,3 +117,92 @@ def test_validation_errors_say_what_to_change():
     knn.alignment.graph_scope = "device"
     with pytest.raises(ValueError, match="needs more than k=3"):
         trainer.build(knn, total_steps=1)
+
+
+# ------------------------------------------------------------------ packed text branches
+def with_branch_lengths(batch, seed, longest):
+    """The batch with answer-only sequences of random lengths up to ``longest`` (response,
+    caption); sequence 1 of each is empty (it pools to zeros, packed or not)."""
+    rng = np.random.default_rng(seed)
+    out = dict(batch)
+    for key, top in zip(("response", "caption"), longest, strict=True):
+        ids = batch[key + "_ids"]
+        mask = np.arange(ids.shape[1])[None] < rng.integers(1, top + 1, (ids.shape[0], 1))
+        mask[1] = False
+        out[key + "_mask"] = mask.astype(np.int32)
+        out[key + "_ids"] = np.where(mask, np.maximum(ids, 3), 0).astype(np.int32)
+    return out
+
+
+def test_pack_placement_is_first_fit_decreasing():
+    row, col, fits = pack_placement(jnp.array([5, 3, 0, 4, 2]), rows=2, row_len=7)
+    assert bool(fits)
+    # 5 -> row 0 at 0, 4 -> row 1 at 0, 3 -> row 1 at 4, 2 -> row 0 at 5, 0 -> row 0 at 7.
+    np.testing.assert_array_equal(row, [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(col, [0, 4, 7, 0, 5])
+    assert not bool(pack_placement(jnp.array([5, 5, 5]), rows=2, row_len=7)[2])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_packed_text_branches_equal_each_sequence_alone(groups):
+    """Packed vectors and their gradients against every sequence run alone, unpadded."""
+    run = trainer.build(tiny_config(), total_steps=1, devices=ONE)
+    params = jax.device_get(trainer.init_train_state(run)["params"]["model"])
+    sc = dataclasses.replace(run.step_config, num_groups=groups, text_pack_fraction=0.5)
+    batch = with_branch_lengths(random_batch(4), seed=groups, longest=(4, 5))
+    model = LlavaModel(sc.model)
+    w = jax.random.normal(jax.random.key(1), (2, 8, sc.model.hidden_size))
+
+    def score(resp, cap):  # any function of both vectors, to compare gradients
+        return jnp.sum(jnp.sin(resp) * w[0]) + jnp.sum(jnp.cos(cap) * w[1])
+
+    def packed(p):
+        resp, cap, was_packed = text_branch_vectors(model, p, batch, sc)
+        return score(resp, cap), (resp, cap, was_packed)
+
+    def alone(p):
+        vecs = []
+        for key in ("response", "caption"):
+            rows = []
+            for ids, mask in zip(batch[key + "_ids"], batch[key + "_mask"], strict=True):
+                n = int(mask.sum())
+                h = model.apply({"params": p}, ids[None, :n],
+                                method=LlavaModel.text_hidden_states) if n else None
+                rows.append(jnp.mean(h[0], axis=0) if n else jnp.zeros(sc.model.hidden_size))
+            vecs.append(jnp.stack(rows))
+        return score(*vecs), tuple(vecs)
+
+    (v, (resp, cap, was_packed)), g = jax.jit(jax.value_and_grad(packed, has_aux=True))(params)
+    (v_ref, (resp_ref, cap_ref)), g_ref = jax.jit(jax.value_and_grad(alone, has_aux=True))(
+        params)
+    assert bool(was_packed)
+    np.testing.assert_allclose(resp, resp_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cap, cap_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    assert_trees_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_loss_same_packed_padded_and_overflowing():
+    """The loss and every gradient match the padded computation, whether a batch packs
+    or overflows the packed rows (and so runs padded inside the packed step)."""
+    run = trainer.build(tiny_config(), total_steps=1, devices=ONE)
+    params = jax.device_get(trainer.init_train_state(run)["params"])
+    padded_sc = dataclasses.replace(run.step_config, text_pack_fraction=0.0)
+    packed_sc = dataclasses.replace(run.step_config, text_pack_fraction=0.5)
+    rng = jax.random.key(3)
+
+    def loss_and_grads(sc, batch):
+        fn = jax.value_and_grad(forward_loss, has_aux=True)
+        return jax.jit(fn, static_argnums=3)(params, batch, rng, sc, token_count(batch))
+
+    # 7 packed rows of 12 tokens hold the short texts, not the full lengths 8 + 12.
+    for longest, packs in (((4, 5), 1.0), ((8, 12), 0.0)):
+        batch = with_branch_lengths(random_batch(5), seed=0, longest=longest)
+        if not packs:
+            batch["response_mask"][2:] = batch["caption_mask"][2:] = 1
+        (loss_ref, m_ref), g_ref = loss_and_grads(padded_sc, batch)
+        (loss, m), g = loss_and_grads(packed_sc, batch)
+        assert float(m["align/text_packed"]) == packs and float(m_ref["align/text_packed"]) == 0
+        np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+        np.testing.assert_allclose(m["align_loss"], m_ref["align_loss"], rtol=1e-5)
+        assert_trees_close(g, g_ref, rtol=1e-4, atol=1e-6)

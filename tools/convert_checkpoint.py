@@ -1,7 +1,8 @@
 """Convert between training workdirs and Hugging Face checkpoints.
 
     # A trained workdir -> a llava-hf directory (LlavaForConditionalGeneration) + tokenizer
-    python tools/convert_checkpoint.py to-hf --workdir DIR [--step N] --out HF_DIR
+    # (--step best: the best validation step kept by fine-tuning with eval.select_metric)
+    python tools/convert_checkpoint.py to-hf --workdir DIR [--step N|best] --out HF_DIR
 
     # Hugging Face weights -> a workdir that `launch/train.py` resumes from (step 0)
     python tools/convert_checkpoint.py from-hf --hf-dir HF_DIR --out DIR \
@@ -25,26 +26,38 @@ import sys
 FORMATS = {"llava-hf": "llava_hf", "llava-med": "llava_med", "clip-llama": "clip_llama"}
 
 
-def to_hf(workdir: str, out: str, step: int | None, dtype: str | None) -> str:
+def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> str:
     import jax
 
     from exgra_jax.checkpoint import Checkpointer
     from exgra_jax.convert.hf import save_llava
-    from exgra_jax.eval.checkpoint_loading import restore_model_params
+    from exgra_jax.eval.checkpoint_loading import (
+        BEST,
+        checkpoint_directory,
+        restore_model_params,
+    )
     from exgra_jax.models.config import ModelConfig
     from exgra_jax.parallel import DEFAULT_RULES, make_mesh
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    best = step == BEST
+    directory = checkpoint_directory(workdir, step)
+    if best and not os.path.isdir(directory):
+        raise SystemExit(f"{workdir}: no best checkpoint (written when training with "
+                         "config.eval.select_metric set)")
+    ckpt = Checkpointer(directory, async_save=False)
     latest = ckpt.latest_step()
     if latest is None:
         raise SystemExit(f"{workdir}: no checkpoint found")
-    if step is not None and step not in ckpt.all_steps():
+    if best:
+        step = latest  # WORKDIR/best keeps one step: the best
+    elif step is not None and step not in ckpt.all_steps():
         raise SystemExit(f"{workdir}: no checkpoint at step {step} (have {ckpt.all_steps()})")
     config = ModelConfig.from_dict(ckpt.read_meta(latest if step is None else step)["model"])
     ckpt.close()
     # Only params['model'] is read (no optimizer state), onto this host's first device.
     mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
-    params, step = restore_model_params(workdir, config, mesh, DEFAULT_RULES, step)
+    params, step = restore_model_params(workdir, config, mesh, DEFAULT_RULES,
+                                        BEST if best else step)
     save_llava(config, params, out, dtype=dtype)
     tokenizer_dir = _tokenizer_of(workdir)
     if tokenizer_dir:
@@ -53,7 +66,7 @@ def to_hf(workdir: str, out: str, step: int | None, dtype: str | None) -> str:
         load_tokenizer(tokenizer_dir).save_pretrained(out)
     else:
         print(f"warning: {workdir}/config.json names no tokenizer; none written", file=sys.stderr)
-    print(f"wrote {out} from {workdir} step {step}")
+    print(f"wrote {out} from {workdir} {'best ' if best else ''}step {step}")
     return out
 
 
@@ -96,13 +109,23 @@ def from_hf(args) -> str:
     return args.out
 
 
+def _step_arg(value: str):
+    from exgra_jax.eval.checkpoint_loading import parse_step
+
+    try:
+        return parse_step(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("to-hf", help="workdir checkpoint -> llava-hf directory")
     t.add_argument("--workdir", required=True)
-    t.add_argument("--step", type=int, default=None)
+    t.add_argument("--step", type=_step_arg, default=None,
+                   help="a step number, or 'best' (default: the newest)")
     t.add_argument("--out", required=True)
     t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     f = sub.add_parser("from-hf", help="Hugging Face weights -> workdir at step 0")

@@ -3,7 +3,7 @@
 * `lap_col_for_row`: exact linear assignment (minimum cost) by shortest augmenting
   paths with dual potentials (the Jonker-Volgenant / Crouse family, the algorithm
   behind `scipy.optimize.linear_sum_assignment`), warm-started by row reduction.
-  Every loop is a `lax.while_loop` over fixed-shape state, so it batches with vmap.
+  Every loop is a `lax.while_loop` over fixed-shape state, so it jits and vmaps.
 * `lap_matrix`, `partial_lap_matrix`: the same as 0/1 matrices; the partial version
   lets nodes stay unmatched (LPMP's graph matching model).
 * `ipfp_matrix`: quadratic graph matching (unary + edge-pair costs) by IPFP /
@@ -45,15 +45,38 @@ def lap_col_for_row(cost_nm: jax.Array) -> jax.Array:
     is a Dijkstra search on reduced costs (shortest augmenting path with dual
     potentials), so the result is optimal up to floating point rounding.
 
-    The whole solve is one flat `while_loop`: each iteration either settles one
-    column of the current search or flips one edge of the augmenting path found.
-    One flat loop is much cheaper per iteration on XLA:CPU than nested loops, and
-    batches under vmap without a loop per row.
+    Under vmap, batches of up to `_VMAP_MAX_ROWS` rows are solved in lockstep (the
+    fixed cost of a loop step is shared); larger ones one after another, because in
+    lockstep every augmentation waits for the longest search in the batch.
     """
     _check_cost(cost_nm)
     n, m = cost_nm.shape
     if n > m:
         raise ValueError(f"lap_col_for_row needs rows <= cols, got {n} x {m}; transpose it")
+    return _lap_batchable(cost_nm)
+
+
+# Measured on CPU (tools/benchmarks/assignment.py): lockstep wins up to n = 64-128.
+_VMAP_MAX_ROWS = 128
+
+
+@jax.custom_batching.custom_vmap
+def _lap_batchable(cost_nm):
+    return _lap_solve(cost_nm)
+
+
+@_lap_batchable.def_vmap
+def _lap_vmap_rule(axis_size, in_batched, cost_bnm):
+    (batched,) = in_batched
+    if not batched:
+        return _lap_batchable(cost_bnm), False
+    if cost_bnm.shape[-2] <= _VMAP_MAX_ROWS:
+        return jax.vmap(_lap_solve)(cost_bnm), True
+    return lax.map(_lap_batchable, cost_bnm), True
+
+
+def _lap_solve(cost_nm):
+    n, m = cost_nm.shape
     dtype = cost_nm.dtype
     inf = jnp.array(jnp.inf, dtype)
     zero = jnp.zeros((), dtype)
@@ -70,82 +93,65 @@ def lap_col_for_row(cost_nm: jax.Array) -> jax.Array:
     col_for_row = jnp.where(claimed_by[best_col] == rows, best_col, _FREE)
     row_for_col = jnp.where(claimed_by < n, claimed_by, _FREE)
 
-    def first_free_row(col_for_row):
-        return _first_index(col_for_row == _FREE)
+    # The loops are nested (rows; Dijkstra steps; path edges) so that the step that
+    # runs most often, one Dijkstra step, is as few XLA ops as possible: on XLA:CPU
+    # the time per step is mostly a fixed cost per op.
+    def search(cur, u, v, r4c):
+        """Dijkstra from free row `cur` on reduced costs to the nearest free column.
+        spc: shortest path cost per column; path: the row that reached it."""
 
-    def cond(s):
-        return s[0] < n
+        def body(s):
+            i, min_val, spc, path, scanned, _, _ = s
+            reduced = min_val + cost_nm[i] - u[i] - v
+            better = (reduced < spc) & ~scanned
+            path = jnp.where(better, i, path)
+            spc = jnp.where(better, reduced, spc)
+            open_spc = jnp.where(scanned, inf, spc)
+            lowest = open_spc.min()
+            # The first column at the lowest cost, a free one preferred (it ends the
+            # search), in one reduction.
+            key = jnp.min(jnp.where(open_spc == lowest, jnp.where(r4c < 0, cols, cols + m),
+                                    2 * m))
+            found = key < m
+            j = jnp.where(found, key, key - m)
+            scanned = scanned | (cols == j)
+            return jnp.maximum(r4c[j], 0), lowest, spc, path, scanned, j, found
 
-    def body(s):
-        cur_row, i, min_val, spc, path, scanned, flipping, flip_col, u, v, c4r, r4c = s
-        searching = ~flipping
+        # `cur >= n` (nothing left; only reached under vmap) must not search: with
+        # every column taken it would never find a free one.
+        init = (jnp.minimum(cur, n - 1), zero, jnp.full((m,), inf),
+                jnp.full((m,), _FREE, jnp.int32), jnp.zeros((m,), bool), jnp.int32(_FREE),
+                cur >= n)
+        _, min_val, spc, path, scanned, j, _ = lax.while_loop(lambda s: ~s[6], body, init)
+        return min_val, spc, path, scanned, j
 
-        # Search: relax the columns reachable from row i, then settle the closest one
-        # (spc: shortest path cost per column; path: the row that reached it).
-        reduced = min_val + cost_nm[i] - u[i] - v
-        better = (reduced < spc) & ~scanned & searching
-        path = jnp.where(better, i, path)
-        spc = jnp.where(better, reduced, spc)
-        open_spc = jnp.where(scanned, inf, spc)
-        lowest = open_spc.min()
-        at_lowest = open_spc == lowest
-        # Among ties prefer a free column: it ends the search at once.
-        j_free = _first_index(at_lowest & (r4c == _FREE))
-        found = searching & (j_free < m)
-        j = jnp.where(j_free < m, j_free, _first_index(at_lowest))
-        scanned = scanned.at[j].set(scanned[j] | searching)
-        min_val = jnp.where(searching, lowest, min_val)
-        i = jnp.where(searching & ~found, r4c[j], i)
+    def augment(cur, j, path, c4r, r4c):
+        """Flip the alternating path that ends at free column j back to row cur."""
 
-        # On reaching a free column: dual update (reduced costs stay >= 0 and tight
-        # along the matching), then flip the path starting at that column.
-        shift = jnp.where(scanned & found, min_val - spc, zero)
+        def body(s):
+            j, c4r, r4c = s
+            r = path[j]
+            prev = c4r[r]
+            r4c = jnp.where(cols == j, r, r4c)
+            c4r = jnp.where(rows == r, j, c4r)
+            return jnp.where(r == cur, _FREE, prev), c4r, r4c
+
+        _, c4r, r4c = lax.while_loop(lambda s: s[0] >= 0, body, (j, c4r, r4c))
+        return c4r, r4c
+
+    def next_row(s):
+        cur, u, v, c4r, r4c = s
+        min_val, spc, path, scanned, j = search(cur, u, v, r4c)
+        # Dual update: reduced costs stay >= 0 and tight along the matching.
+        shift = jnp.where(scanned, min_val - spc, zero)
         u = u + jnp.where(c4r >= 0, shift[jnp.maximum(c4r, 0)], zero)
-        u = u.at[cur_row].add(jnp.where(found, min_val, zero))
+        u = u + jnp.where(rows == cur, min_val, zero)
         v = v - shift
+        c4r, r4c = augment(cur, jnp.where(cur < n, j, _FREE), path, c4r, r4c)
+        return _first_index(c4r == _FREE), u, v, c4r, r4c
 
-        # Flip one edge of the alternating path per iteration, sink back to cur_row.
-        flipping = flipping | found
-        jf = jnp.where(found, j, flip_col)
-        pi = jnp.where(flipping, path[jf], 0)
-        prev = c4r[pi]
-        r4c = r4c.at[jf].set(jnp.where(flipping, pi, r4c[jf]))
-        c4r = c4r.at[pi].set(jnp.where(flipping, jf, c4r[pi]))
-        done = flipping & (pi == cur_row)
-
-        # Row finished: move on to the next free row with a fresh search.
-        cur_row = jnp.where(done, first_free_row(c4r), cur_row)
-        return (
-            cur_row,
-            jnp.where(done, jnp.minimum(cur_row, n - 1), i),
-            jnp.where(done, zero, min_val),
-            jnp.where(done, inf, spc),
-            jnp.where(done, _FREE, path),
-            scanned & ~done,
-            flipping & ~done,
-            jnp.maximum(prev, 0),
-            u,
-            v,
-            c4r,
-            r4c,
-        )
-
-    start = first_free_row(col_for_row)
-    state = (
-        start,
-        jnp.minimum(start, n - 1),
-        zero,
-        jnp.full((m,), inf),
-        jnp.full((m,), _FREE, jnp.int32),
-        jnp.zeros((m,), bool),
-        jnp.zeros((), bool),
-        jnp.int32(0),
-        u,
-        v,
-        col_for_row,
-        row_for_col,
-    )
-    return lax.while_loop(cond, body, state)[10]
+    state = (_first_index(col_for_row == _FREE), u, v, col_for_row, row_for_col)
+    return lax.while_loop(lambda s: s[0] < n, next_row, state)[3]
 
 
 def lap_matrix(cost_nm: jax.Array) -> jax.Array:

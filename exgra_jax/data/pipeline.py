@@ -401,6 +401,11 @@ def make_train_iterator(
     return HostBatchIterator(dataset, cfg, getattr(source, "report", None))
 
 
+# Past the end of the eval records. Not None: Grain drops None elements, which would
+# leave the last batch short instead of padded.
+_EVAL_PADDING = "__eval_padding__"
+
+
 class _EvalRead:
     """This process's eval records in order; past the end: padding (index -1)."""
 
@@ -416,7 +421,7 @@ class _EvalRead:
     def __getitem__(self, position):
         index = self.process_index + position * self.process_count
         if index >= len(self.source):
-            return None
+            return _EVAL_PADDING
         return self.source[index]
 
 
@@ -425,7 +430,7 @@ class _EvalProcessor:
         self.processor = processor
 
     def __call__(self, item):
-        if item is None:
+        if isinstance(item, str) and item == _EVAL_PADDING:
             return self.processor.padding_example()
         example = self.processor(item)
         if "_bad" in example:

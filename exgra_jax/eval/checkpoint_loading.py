@@ -1,7 +1,9 @@
 """Load what evaluation needs: model config, parameters (on a mesh) and tokenizer.
 
 Two sources:
-  * a training workdir: the newest (or a given) step in ``WORKDIR/checkpoints``. Only
+  * a training workdir: the newest (or a given) step in ``WORKDIR/checkpoints``, or with
+    step ``"best"`` the best validation step kept in ``WORKDIR/best`` when fine-tuning
+    with ``config.eval.select_metric`` (``exgra_jax.train.selection``). Only
     ``params['model']`` is read (orbax partial restore), never the optimizer state or the
     alignment head, so a 7B model needs memory for its weights alone. The checkpoint's
     meta is checked against the config's model first, with the same error training gives.
@@ -71,8 +73,35 @@ def _model_config(config) -> ModelConfig:
     return ModelConfig.from_dict(config.model.to_dict())
 
 
-def _step_to_load(manager: ocp.CheckpointManager, directory: str, step: int | None) -> int:
+BEST = "best"
+
+
+def parse_step(value: str | int | None) -> int | str | None:
+    """A ``--step`` value: None or '' (the newest), 'best', or a step number."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) or value == BEST:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ValueError(f"--step must be a step number or 'best', got {value!r}")
+
+
+def checkpoint_directory(workdir: str, step: int | str | None) -> str:
+    """Where ``step`` of ``workdir`` lives: WORKDIR/best for 'best', else WORKDIR/checkpoints."""
+    from exgra_jax.train.selection import BEST_DIR  # noqa: PLC0415
+
+    return os.path.join(workdir, BEST_DIR if step == BEST else "checkpoints")
+
+
+def _step_to_load(manager: ocp.CheckpointManager, directory: str,
+                  step: int | str | None) -> int:
     steps = sorted(manager.all_steps())
+    if step == BEST:
+        if not steps:
+            raise FileNotFoundError(f"no best checkpoint in {directory}; it is written while "
+                                    "training with config.eval.select_metric set")
+        return steps[-1]
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}; train first or pass --hf_dir")
     if step is None:
@@ -83,10 +112,14 @@ def _step_to_load(manager: ocp.CheckpointManager, directory: str, step: int | No
 
 
 def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh, rules,
-                         step: int | None = None) -> tuple[Any, int]:
-    """``params['model']`` of a training checkpoint, sharded on ``mesh``; and its step."""
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+                         step: int | str | None = None) -> tuple[Any, int]:
+    """``params['model']`` of a training checkpoint (``step``: a number, None for the
+    newest, or 'best'), sharded on ``mesh``; and its step."""
+    directory = os.path.abspath(checkpoint_directory(workdir, step))
     if not os.path.isdir(directory):
+        if step == BEST:
+            raise FileNotFoundError(f"{directory} does not exist: no best step was selected "
+                                    "(train with config.eval.select_metric set)")
         raise FileNotFoundError(f"{directory} does not exist; is {workdir} a training workdir?")
     manager = ocp.CheckpointManager(
         directory,
@@ -129,8 +162,9 @@ def _load_tokenizer(path: str, mcfg: ModelConfig):
 
 
 def load_for_eval(config, *, workdir: str | None = None, hf_dir: str | None = None,
-                  step: int | None = None, mesh: Mesh | None = None) -> EvalModel:
-    """Model, parameters and tokenizer from a workdir checkpoint or a llava-hf directory."""
+                  step: int | str | None = None, mesh: Mesh | None = None) -> EvalModel:
+    """Model, parameters and tokenizer from a workdir checkpoint (``step``: a number, None
+    for the newest, 'best' for the best validation step) or a llava-hf directory."""
     if bool(workdir) == bool(hf_dir):
         raise ValueError("give exactly one of workdir (a training run) or hf_dir (llava-hf)")
     rules = rules_of(config)

@@ -154,10 +154,13 @@ class LlamaModel(nn.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
         cache_mask_bs: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Embeddings -> final normed hidden states (and the updated cache).
 
-        Without a cache the sequence attends causally to itself, padded keys removed.
+        Without a cache the sequence attends causally to itself, padded keys removed;
+        ``segment_ids_bt`` (packed sequences) further limits each token to the keys of its
+        own segment.
         With a cache, x is written at ``cache_index``; ``cache_mask_bs`` marks the valid
         keys of the whole cache (prompt padding excluded), and queries see keys up to
         their own index.
@@ -170,10 +173,12 @@ class LlamaModel(nn.Module):
         x_btd = constrain(x_btd.astype(dtype_of(self.config.dtype)), ACT_AXES)
         if cache is None:
             mask = attention_mask_bt.astype(bool)[:, None, :]  # [b, 1, s]: padded keys
+            if segment_ids_bt is not None:
+                mask = mask & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
             layer_caches = None
         else:
-            if cache_mask_bs is None:
-                raise ValueError("decoding with a cache needs cache_mask_bs")
+            if cache_mask_bs is None or segment_ids_bt is not None:
+                raise ValueError("decoding with a cache needs cache_mask_bs and no segment_ids")
             s = cache.k.shape[2]
             q_idx = cache_index + jnp.arange(t)
             mask = (jnp.arange(s)[None, :] <= q_idx[:, None])[None] & cache_mask_bs.astype(

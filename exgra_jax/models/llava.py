@@ -54,9 +54,12 @@ class LlavaModel(nn.Module):
         return splice_image_features(embeds, input_ids_bt, features, self.config.image_token_id), \
             features
 
-    def text_hidden_states(self, input_ids_bt, attention_mask_bt=None):
-        """Final normed hidden states of a text-only sequence [b, t, hidden_size]."""
-        h, _ = self.llm.decode(self.llm.embed(input_ids_bt), attention_mask_bt)
+    def text_hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None,
+                           segment_ids_bt=None):
+        """Final normed hidden states of text-only sequences [b, t, hidden_size]; with
+        ``segment_ids_bt`` and ``positions_bt`` a row holds several packed sequences."""
+        h, _ = self.llm.decode(self.llm.embed(input_ids_bt), attention_mask_bt, positions_bt,
+                               segment_ids_bt=segment_ids_bt)
         return h
 
     def text_embeddings(self, input_ids_bt):
@@ -88,29 +91,6 @@ class LlavaModel(nn.Module):
         embeds, features = self.embed_multimodal(input_ids_bt, pixel_values_bhwc)
         h, _ = self.llm.decode(embeds, attention_mask_bt)
         return self.llm.logits(h), features
-
-    def train_outputs(
-        self, input_ids_bt, pixel_values_bhwc, attention_mask_bt,
-        response_ids_bt, response_mask_bt, caption_ids_bt, caption_mask_bt,
-        text_branch: str = "llm",
-    ):
-        """Everything the ExGra-Med loss needs from one forward pass.
-
-        Returns (logits [b, t, v], image features [b, p, d], response states [b, tr, d],
-        caption states [b, tc, d]). ``text_branch`` 'llm' runs the answer-only sequences
-        through the decoder (final normed states); 'embeddings' uses token embeddings only.
-        """
-        logits, features = self.forward_features(input_ids_bt, pixel_values_bhwc,
-                                                 attention_mask_bt)
-        if text_branch == "llm":
-            response = self.text_hidden_states(response_ids_bt, response_mask_bt)
-            caption = self.text_hidden_states(caption_ids_bt, caption_mask_bt)
-        elif text_branch == "embeddings":
-            response = self.text_embeddings(response_ids_bt)
-            caption = self.text_embeddings(caption_ids_bt)
-        else:
-            raise ValueError(f"text_branch must be 'llm' or 'embeddings', got {text_branch!r}")
-        return logits, features, response, caption
 
     def __call__(self, input_ids_bt, pixel_values_bhwc=None, attention_mask_bt=None):
         """Logits [batch, seq, vocab] (float32)."""

@@ -7,6 +7,11 @@ Gradient accumulation splits the global batch into ``micro_batches`` interleaved
 sums gradients over a scan. The cross-entropy is normalised by the token count of the
 whole batch, so M micro-batches of b give the same update as one batch of M*b; the
 alignment graphs span one micro-batch and their loss is averaged over micro-batches.
+
+The alignment's text branches through the LLM are mostly padding (short answers, fixed
+lengths), so the answer-only sequences of each batch shard are packed into a few rows
+(first-fit decreasing, one segment per sequence, positions restarting at 0) and run as one
+LLM call; a batch that does not fit runs padded instead. Both give the same vectors.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class StepConfig:
     num_groups: int = 1  # alignment graphs per micro-batch in "device" scope
     micro_batches: int = 1
     seed: int = 0
+    # Packed text-branch rows per batch shard, as a fraction of the padded branch tokens
+    # (rounded up to whole rows of max(response_len, caption_len)); 0: always padded.
+    text_pack_fraction: float = 0.25
 
 
 def lm_loss_sums(logits_btv, labels_bt, example_mask_b):
@@ -55,25 +63,118 @@ def token_count(batch) -> jax.Array:
     return jnp.sum(valid).astype(jnp.float32)
 
 
+# ====================================================================== text branches
+def pack_placement(lengths_n, rows: int, row_len: int):
+    """First-fit decreasing of n sequence lengths into ``rows`` rows of ``row_len`` slots:
+    (row [n], first column [n], whether all fit)."""
+    order = jnp.argsort(-lengths_n, stable=True)
+
+    def place(fill_r, n):
+        fits_r = fill_r + n <= row_len
+        r = jnp.argmax(fits_r)
+        return fill_r.at[r].add(jnp.where(fits_r[r], n, 0)), (r, fill_r[r], fits_r[r])
+
+    _, (row, col, ok) = jax.lax.scan(place, jnp.zeros(rows, jnp.int32), lengths_n[order])
+    inverse = jnp.argsort(order)
+    return row[inverse], col[inverse], jnp.all(ok)
+
+
+def pack_sequences(seqs, rows: int, row_len: int):
+    """Pack the masked tokens of [(ids [n_k, t_k], mask [n_k, t_k]), ...] into flat rows.
+
+    Returns (ids, segment ids, positions), each [rows * row_len], the slot of every token
+    per input ([n_k, t_k]; rows * row_len, out of range, for padding) and whether all fit.
+    Sequence s (counting across the inputs) is segment s + 1; empty slots are segment 0.
+    """
+    lengths = jnp.concatenate([jnp.sum(m, axis=1) for _, m in seqs]).astype(jnp.int32)
+    row, col, fits = pack_placement(lengths, rows, row_len)
+    start, size = row * row_len + col, rows * row_len
+    out = [jnp.zeros(size, jnp.int32) for _ in range(3)]
+    slots, first = [], 0
+    for ids, m in seqs:
+        n = m.shape[0]
+        pos = jnp.cumsum(m, axis=1) - 1  # skips padding, as positions_from_mask does
+        slot = jnp.where(m > 0, start[first:first + n, None] + pos, size)
+        seg = jnp.broadcast_to(jnp.arange(first + 1, first + n + 1)[:, None], m.shape)
+        out = [o.at[slot.reshape(-1)].set(v.reshape(-1), mode="drop")
+               for o, v in zip(out, (ids, seg, pos), strict=True)]
+        slots.append(slot)
+        first += n
+    return (*out, slots, fits)
+
+
+def pack_rows(sc: StepConfig, n: int, lengths: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, row length) of the packed layout for n examples per shard; rows 0: padded."""
+    row_len = max(lengths)
+    rows = max(1, -(-int(sc.text_pack_fraction * n * sum(lengths)) // row_len))
+    packs = (sc.text_branch == "llm" and not sc.pool_include_padding
+             and sc.text_pack_fraction > 0 and rows * row_len < n * sum(lengths))
+    return (rows, row_len) if packs else (0, row_len)
+
+
+def text_branch_vectors(model: LlavaModel, params, batch, sc: StepConfig):
+    """Pooled response and caption vectors [b, d] (float32) and whether they were packed."""
+    names = (("response_ids", "response_mask"), ("caption_ids", "caption_mask"))
+    seqs = [(batch[i], batch[m]) for i, m in names]
+    variables = {"params": params}
+    if sc.text_branch == "embeddings":
+        states = [model.apply(variables, ids, method=LlavaModel.text_embeddings)
+                  for ids, _ in seqs]
+    elif sc.text_branch == "llm":
+        states = None
+    else:
+        raise ValueError(f"text_branch must be 'llm' or 'embeddings', got {sc.text_branch!r}")
+
+    def pool(states_):
+        return tuple(masked_mean(h, m, include_padding=sc.pool_include_padding)
+                     for h, (_, m) in zip(states_, seqs, strict=True))
+
+    def padded(p):
+        return pool([model.apply({"params": p}, ids, m, method=LlavaModel.text_hidden_states)
+                     for ids, m in seqs])
+
+    if states is not None:
+        return (*pool(states), jnp.zeros((), bool))
+    b = seqs[0][0].shape[0]
+    groups = sc.num_groups if b % sc.num_groups == 0 else 1  # pack within batch shards
+    rows, row_len = pack_rows(sc, b // groups, tuple(ids.shape[1] for ids, _ in seqs))
+    if not rows:
+        return (*padded(params), jnp.zeros((), bool))
+
+    per_group = [jax.tree.map(lambda x: x.reshape(groups, b // groups, *x.shape[1:]), s)
+                 for s in seqs]
+    ids, seg, pos, slots, fits = jax.vmap(
+        lambda sq: pack_sequences(sq, rows, row_len))(per_group)
+    fits = jnp.all(fits)
+
+    def packed(p):
+        def as_rows(x):
+            return x.reshape(groups * rows, row_len)
+
+        h = model.apply({"params": p}, as_rows(ids), None, as_rows(pos), as_rows(seg),
+                        method=LlavaModel.text_hidden_states)
+        h = h.reshape(groups, rows * row_len, h.shape[-1])
+        take = jax.vmap(lambda h_, s_: jnp.take(h_, s_, axis=0, mode="fill", fill_value=0))
+        return pool([take(h, s).reshape(b, *s.shape[2:], h.shape[-1]) for s in slots])
+
+    return (*jax.lax.cond(fits, packed, padded, params), fits)
+
+
+# ================================================================================ loss
 def forward_loss(params, batch, rng, sc: StepConfig, total_tokens, deterministic=False):
     """Loss of one micro-batch, scaled so that summing over micro-batches gives the
     batch loss; plus unscaled metrics."""
     model = LlavaModel(sc.model)
-    logits, feats, resp_h, cap_h = model.apply(
+    logits, feats = model.apply(
         {"params": params["model"]}, batch["input_ids"], batch["pixel_values"],
-        batch["attention_mask"], batch["response_ids"], batch["response_mask"],
-        batch["caption_ids"], batch["caption_mask"], sc.text_branch,
-        method=LlavaModel.train_outputs,
+        batch["attention_mask"], method=LlavaModel.forward_features,
     )
     nll_sum, count = lm_loss_sums(logits, batch["labels"], batch["example_mask"])
     loss = nll_sum / jnp.maximum(total_tokens, 1.0)
     metrics = {"lm_nll_sum": nll_sum, "lm_tokens": count}
     if sc.alignment is not None:
         image = jnp.mean(feats.astype(jnp.float32), axis=1)
-        response = masked_mean(resp_h, batch["response_mask"],
-                               include_padding=sc.pool_include_padding)
-        caption = masked_mean(cap_h, batch["caption_mask"],
-                              include_padding=sc.pool_include_padding)
+        response, caption, packed = text_branch_vectors(model, params["model"], batch, sc)
         gumbel, dropout = jax.random.split(rng)
         align, align_metrics = MultiGraphAlignment(sc.alignment, sc.num_groups).apply(
             {"params": params["alignment"]}, image, response, caption,
@@ -82,6 +183,8 @@ def forward_loss(params, batch, rng, sc: StepConfig, total_tokens, deterministic
         loss = loss + sc.alignment_weight * align / sc.micro_batches
         metrics["align_loss"] = align
         metrics.update(align_metrics)
+        if sc.text_branch == "llm":
+            metrics["align/text_packed"] = packed.astype(jnp.float32)  # share of batches
     return loss, metrics
 
 

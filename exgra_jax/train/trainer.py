@@ -3,7 +3,10 @@
 ``train_and_evaluate(config, workdir)`` resumes from the newest checkpoint in
 ``workdir/checkpoints`` when there is one (params, optimizer state, step and the data
 iterator of every process), saves every ``checkpoint_every`` steps and on SIGTERM, and
-writes metrics to the console and to TensorBoard event files in ``workdir/tb``.
+writes metrics to the console and to TensorBoard event files in ``workdir/tb``. With
+``eval.select_metric`` set it also answers the validation VQA set every ``eval_every``
+steps and at the end, and keeps the best step's params in ``workdir/best``
+(``exgra_jax.train.selection``).
 """
 
 from __future__ import annotations
@@ -385,6 +388,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     mcfg = model_config(config)
     tokenizer = load_tokenizer(config.tokenizer)
     check_tokenizer(tokenizer, mcfg)
+    selection = None
+    if config.eval.select_metric:
+        from exgra_jax.train.selection import VQASelection  # noqa: PLC0415
+
+        selection = VQASelection(config, workdir, mcfg, tokenizer)
     per_host = config.train.global_batch_size // jax.process_count()
     dcfg = data_config(config, mcfg, per_host)
     source = make_source(dcfg)
@@ -437,9 +445,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     metrics["mfu"] = flops / dt / (t.peak_flops_per_device * n_dev)
                 writer.write(step, metrics)
                 last = metrics
-            if t.eval_every and step % t.eval_every == 0 and config.eval.json_paths:
-                writer.write(step, evaluate_lm(run, state["params"], tokenizer, t.eval_batches),
-                             "eval")
+            evaluate_now = bool(t.eval_every and step % t.eval_every == 0) or step == total
+            if evaluate_now and config.eval.json_paths:
+                lm = evaluate_lm(run, state["params"], tokenizer, t.eval_batches)
+                writer.write(step, lm, "eval")
+                if step == total:
+                    last["eval"] = lm
+            if evaluate_now and selection is not None:
+                last["val_vqa"] = selection.evaluate(step, state["params"], run.mesh, meta)
+                writer.write(step, last["val_vqa"], "val_vqa")
             if preempt.agreed(ckpt, step):
                 ckpt.save(step, state, train_iter, meta, force=True)
                 ckpt.wait()
@@ -447,11 +461,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 return {"preempted_at": step, **last}
             if step % t.checkpoint_every == 0 or step == stop_at:
                 ckpt.save(step, state, train_iter, meta, force=step == stop_at)
-        if config.eval.json_paths and step == total:
-            last["eval"] = evaluate_lm(run, state["params"], tokenizer, t.eval_batches)
-            writer.write(step, last["eval"], "eval")
     finally:
         ckpt.close()
+        if selection is not None:
+            last["best"] = selection.best.record
         writer.close()
         preempt.restore()
         train_iter.close()

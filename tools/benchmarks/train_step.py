@@ -10,17 +10,23 @@
     16: 160 tokens, 16 image tokens) and/or ``m100`` (the ~145M model of forward.py,
     batch 4 x 512). The losses of the first steps are compared before timing, so the two
     sides provably run the same optimisation.
-(b) exgra_jax alone at configs/demo.py (model, lengths 160/48/96, batch 16, the whole model
-    trainable as the demo does): alignment on (graph_scope 'global', k=5, text branches
-    through the LLM, and with ``--b-branches llm,embeddings`` also through the token
-    embeddings only) against off.
+(b) exgra_jax alone at configs/demo.py (model, lengths, batch 16, the whole model trainable
+    as the demo does) on real batches of the demo data (``tools/make_demo_data.py``, built
+    into a temporary directory unless ``--b-data-dir`` names one; ``--b-data synthetic``
+    uses random lengths instead): alignment on (graph_scope 'global', k=5) against off, one
+    row per ``--b-branches`` entry: ``llm`` (text branches through the LLM, packed, the
+    default), ``llm_padded`` (the same through the LLM at the padded lengths, the step
+    before packing), ``llm_before`` (``llm_padded`` at ``--b-before-lengths``, the demo's
+    lengths before they were sized to the data) and ``embeddings`` (token embeddings only).
+    Each side cycles through the same batches.
 
 Tokens/s counts batch x max_len (the multimodal sequence; padding included, same on both
 sides). Steps alternate between sides in every repeat; medians are reported. Our compile
 time (first call minus a steady call) is reported apart.
 
   python tools/benchmarks/train_step.py [--a-model demo|m100|demo,m100] [--repeats 3]
-      [--steps 2] [--scan on|off] [--b-branches llm,embeddings]
+      [--steps 2] [--scan on|off] [--b-branches llm,llm_padded,llm_before,embeddings]
+      [--b-data demo|synthetic] [--b-data-dir DIR] [--b-before-lengths 48,96]
 
 Prints a table, then one JSON line with the figures.
 """
@@ -28,8 +34,10 @@ Prints a table, then one JSON line with the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,16 +127,17 @@ def our_config(mcfg, batch, seq, resp, cap, *, alignment: bool, hf_dir: str = ""
     return c
 
 
-def demo_config(alignment: bool, scan: bool):
-    """configs/demo.py with its data paths cleared (synthetic batches)."""
+def demo_config(alignment: bool, scan: bool, data_dir: str = ""):
+    """configs/demo.py, on ``data_dir`` or with its data paths cleared (synthetic batches)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("demo_cfg", os.path.join(REPO, "configs",
                                                                           "demo.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.data.json_paths, c.data.image_folder, c.tokenizer = (), "", ""
+    c = mod.get_config(data_dir or None)
+    if not data_dir:
+        c.data.json_paths, c.data.image_folder, c.tokenizer = (), "", ""
     c.eval.json_paths = ()
     c.alignment.enabled = alignment
     c.model.scan_layers = scan
@@ -136,27 +145,79 @@ def demo_config(alignment: bool, scan: bool):
     return c
 
 
-class OurStep:
-    """A built trainer and its state; ``__call__`` runs one step and waits for it."""
+def demo_batches(config, n: int) -> list[dict]:
+    """The first n host batches of the demo's training pipeline."""
+    from exgra_jax.data.pipeline import make_train_iterator
+    from exgra_jax.data.tokenizer import load_tokenizer
+    from exgra_jax.train import trainer
 
-    def __init__(self, config, batch_np):
+    dcfg = trainer.data_config(config, trainer.model_config(config),
+                               config.train.global_batch_size)
+    it = make_train_iterator(dcfg, load_tokenizer(config.tokenizer))
+    batches = [next(it) for _ in range(n)]
+    it.close()
+    return batches
+
+
+def pad_branches(batch: dict, response_len: int, caption_len: int) -> dict:
+    """Right-pads the text-branch arrays to longer lengths (masked: the same examples)."""
+    out = dict(batch)
+    for key, n in (("response", response_len), ("caption", caption_len)):
+        for name in (key + "_ids", key + "_mask"):
+            x = batch[name]
+            out[name] = np.pad(x, ((0, 0), (0, max(n - x.shape[1], 0))))
+    return out
+
+
+class OurStep:
+    """A built trainer and its state; ``__call__`` runs one step on the next of its batches
+    and waits for it. ``step_changes`` re-jits the step with those StepConfig fields."""
+
+    def __init__(self, config, batches_np, step_changes=None):
         import jax
 
         from exgra_jax import parallel
         from exgra_jax.train import trainer
 
         self.run = trainer.build(config, total_steps=1000, devices=jax.devices()[:1])
+        if step_changes:
+            self.run.train_step = rejit(self.run, config, **step_changes)
         self.state = trainer.init_train_state(self.run)
-        self.batch = {k: jax.device_put(v, parallel.batch_sharding(self.run.mesh, v.ndim))
-                      for k, v in batch_np.items()}
+        batches_np = batches_np if isinstance(batches_np, list) else [batches_np]
+        self.batches = [{k: jax.device_put(v, parallel.batch_sharding(self.run.mesh, v.ndim))
+                         for k, v in b.items()} for b in batches_np]
+        self.calls = 0
         self.metrics = None
 
     def __call__(self):
         import jax
 
-        self.state, self.metrics = self.run.train_step(self.state, self.batch)
+        batch = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        self.state, self.metrics = self.run.train_step(self.state, batch)
         jax.block_until_ready((self.state, self.metrics))
         return self.metrics
+
+
+def rejit(run, config, **changes):
+    """The run's train step, jitted as trainer.build does, with StepConfig ``changes``."""
+    import flax.linen as nn
+    import jax
+
+    from exgra_jax import parallel
+    from exgra_jax.train.step import make_train_step
+
+    raw = make_train_step(dataclasses.replace(run.step_config, **changes), run.optimizer,
+                          run.mask, run.lr_schedule)
+    rules = [tuple(r) for r in config.rules]
+
+    def step(state, batch):
+        with jax.sharding.use_abstract_mesh(run.mesh.abstract_mesh), \
+                nn.logical_axis_rules(rules):
+            return raw(state, batch)
+
+    return jax.jit(step, in_shardings=(run.state_sharding, parallel.batch_sharding(run.mesh)),
+                   out_shardings=(run.state_sharding, None), donate_argnums=(0,))
 
 
 # ------------------------------------------------------------------------------- torch side
@@ -245,43 +306,100 @@ def part_a(name, scan, repeats, steps):
     )
 
 
-def part_b(scan, repeats, steps, branches):
-    """Alignment off vs on (one side per text branch) at configs/demo.py."""
-    from exgra_jax.train import trainer
+def packed_share(batches, step_config) -> float:
+    """Share of ``batches`` whose text branches fit the packed layout (the rest run padded)."""
+    import jax
+    import jax.numpy as jnp
 
-    variants = [("alignment_off", False, "llm")] + [
-        (f"alignment_on_{b}", True, b) for b in branches]
+    from exgra_jax.train.step import pack_rows, pack_sequences
+
+    lengths = (batches[0]["response_ids"].shape[1], batches[0]["caption_ids"].shape[1])
+    rows, row_len = pack_rows(step_config, batches[0]["response_ids"].shape[0], lengths)
+    if not rows:
+        return 0.0
+    fits = jax.jit(lambda *a: pack_sequences([(a[0], a[1]), (a[2], a[3])], rows, row_len)[-1])
+    return float(np.mean([bool(fits(*(jnp.asarray(b[k]) for k in (
+        "response_ids", "response_mask", "caption_ids", "caption_mask")))) for b in batches]))
+
+
+# name: (alignment, text branch, StepConfig changes, before-lengths)
+B_VARIANTS = {
+    "off": (False, "llm", {}, False),
+    "llm": (True, "llm", {}, False),
+    "llm_padded": (True, "llm", {"text_pack_fraction": 0.0}, False),
+    "llm_before": (True, "llm", {"text_pack_fraction": 0.0}, True),
+    "embeddings": (True, "embeddings", {}, False),
+}
+
+
+def part_b(scan, repeats, steps, branches, data, data_dir, before_lengths):
+    """Alignment off vs on (one side per variant) at configs/demo.py."""
+    from exgra_jax.train import trainer
+    from exgra_jax.train.step import pack_rows
+
+    tmp = None
+    if data == "demo" and not data_dir:
+        tmp = tempfile.TemporaryDirectory()
+        data_dir = tmp.name
+        subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_demo_data.py"),
+                        "--out", data_dir], check=True, stdout=subprocess.DEVNULL)
+    base = demo_config(True, scan, data_dir if data == "demo" else "")
+    mcfg = trainer.model_config(base)
+    n_batches = max(repeats * steps, 4)
+    if data == "demo":
+        all_batches = demo_batches(base, 64)  # 64 for the packed share, the first timed
+    else:
+        all_batches = [synthetic_batch(base.train.global_batch_size, base.data.max_len,
+                                       base.data.response_len, base.data.caption_len,
+                                       mcfg.image_size, mcfg.num_image_tokens,
+                                       mcfg.image_token_id, mcfg.vocab_size, seed=i)
+                       for i in range(n_batches)]
+    batches = all_batches[:n_batches]
+    before = [pad_branches(b, *before_lengths) for b in batches]
+    variants = ["off"] + list(branches)
     sides, firsts, info = {}, {}, {}
-    for key, on, branch in variants:
-        c = demo_config(on, scan)
+    for key in variants:
+        on, branch, changes, is_before = B_VARIANTS[key]
+        c = demo_config(on, scan, data_dir if data == "demo" else "")
         c.alignment.text_branch = branch
-        mcfg = trainer.model_config(c)
-        hb = synthetic_batch(c.train.global_batch_size, c.data.max_len, c.data.response_len,
-                             c.data.caption_len, mcfg.image_size, mcfg.num_image_tokens,
-                             mcfg.image_token_id, mcfg.vocab_size)
-        step = OurStep(c, hb)
+        if is_before:
+            c.data.response_len, c.data.caption_len = before_lengths
+        step = OurStep(c, before if is_before else batches, step_changes=changes or None)
         first, outs = first_and_steady(step, 2)
         m = outs[-1]
         if on and not ("align_loss" in m and np.isfinite(float(m["align_loss"]))):
             raise SystemExit(f"(b) {key}: no finite align_loss in the metrics")
-        extra = c.data.response_len + c.data.caption_len if on and branch == "llm" else 0
+        sc = step.run.step_config if not changes else dataclasses.replace(
+            step.run.step_config, **changes)
+        b = c.train.global_batch_size
+        extra = 0.0
+        if on and branch == "llm":
+            rows, row_len = pack_rows(sc, b, (c.data.response_len, c.data.caption_len))
+            share = packed_share(all_batches, sc) if rows else 0.0
+            padded = c.data.response_len + c.data.caption_len
+            extra = share * rows * row_len / b + (1 - share) * padded
         sides[key], firsts[key] = step, first
         info[key] = dict(
             {k: float(v) for k, v in m.items() if k in ("loss", "lm_loss", "align_loss")},
-            analytic_flops=trainer.flops_per_step(mcfg, c.train.global_batch_size,
-                                                  c.data.max_len, extra))
-        info.update(batch=c.train.global_batch_size, max_len=c.data.max_len,
-                    response_len=c.data.response_len, caption_len=c.data.caption_len,
-                    k=c.alignment.k, graph_scope=c.alignment.graph_scope,
-                    image_tokens=mcfg.num_image_tokens)
+            lengths=f"{c.data.max_len}/{c.data.response_len}/{c.data.caption_len}",
+            packed_share=(packed_share(all_batches, sc) if on and branch == "llm" else None),
+            branch_tokens_per_example=extra,
+            analytic_flops=trainer.flops_per_step(mcfg, b, c.data.max_len, extra))
+    info.update(batch=base.train.global_batch_size, max_len=base.data.max_len,
+                response_len=base.data.response_len, caption_len=base.data.caption_len,
+                k=base.alignment.k, graph_scope=base.alignment.graph_scope,
+                image_tokens=mcfg.num_image_tokens, data=data, timed_batches=len(batches),
+                share_batches=len(all_batches))
     med, times = _common.interleaved(sides, repeats, steps)
-    off = med["alignment_off"]
-    for key, _, _ in variants:
-        info[key].update(step_s=med[key], ratio=med[key] / off,
+    for key in variants:
+        info[key].update(step_s=med[key], ratio=med[key] / med["off"],
                          compile_s=max(firsts[key] - med[key], 0.0), times=times[key],
                          analytic_flops_ratio=info[key]["analytic_flops"]
-                         / info["alignment_off"]["analytic_flops"])
-    return dict(**info, scan_layers=scan, ratio=med["alignment_on_" + branches[0]] / off)
+                         / info["off"]["analytic_flops"])
+    if tmp is not None:
+        tmp.cleanup()
+    return dict(variants=info, **{k: v for k, v in info.items() if k not in variants},
+                scan_layers=scan, ratio=med[branches[0]] / med["off"], first=branches[0])
 
 
 def main():
@@ -292,8 +410,13 @@ def main():
     ap.add_argument("--steps", type=int, default=2, help="steps per timed repeat (demo)")
     ap.add_argument("--scan", default="on", choices=["on", "off"])
     ap.add_argument("--xla-threads", type=int, default=0)
-    ap.add_argument("--b-branches", default="llm,embeddings",
-                    help="(b) alignment text branches to time: llm and/or embeddings")
+    ap.add_argument("--b-branches", default="llm,llm_padded,llm_before,embeddings",
+                    help="(b) alignment-on variants to time, the first against the goal: "
+                    + ",".join(k for k in B_VARIANTS if k != "off"))
+    ap.add_argument("--b-data", default="demo", choices=["demo", "synthetic"])
+    ap.add_argument("--b-data-dir", default="", help="(b) a built demo data set to reuse")
+    ap.add_argument("--b-before-lengths", default="48,96",
+                    help="(b) response,caption lengths of the llm_before variant")
     args = ap.parse_args()
     _common.set_xla_threads(args.xla_threads)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -309,7 +432,12 @@ def main():
             res_a.append(part_a(name, scan, max(3, args.repeats // 2) if big else args.repeats,
                                 1 if big else args.steps))
     if "b" in parts:
-        res_b = part_b(scan, args.repeats, args.steps, args.b_branches.split(","))
+        branches = args.b_branches.split(",")
+        unknown = set(branches) - set(B_VARIANTS) | ({"off"} & set(branches))
+        if unknown:
+            raise SystemExit(f"--b-branches: unknown {sorted(unknown)}")
+        res_b = part_b(scan, args.repeats, args.steps, branches, args.b_data, args.b_data_dir,
+                       tuple(int(x) for x in args.b_before_lengths.split(",")))
 
     print(f"CPU x{os.cpu_count()}, torch threads {torch.get_num_threads()}, scan_layers "
           f"{args.scan}, remat none, float32, XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'; "
@@ -327,19 +455,21 @@ def main():
             f"{r['model']} {'met' if r['speedup'] >= 1.5 else 'NOT met'}" for r in res_a) + "\n")
     if res_b:
         r = res_b
-        print(f"(b) configs/demo.py train step, batch {r['batch']}, lengths {r['max_len']}/"
-              f"{r['response_len']}/{r['caption_len']}, alignment graph_scope "
-              f"{r['graph_scope']}, k={r['k']}; ratio = step time / alignment off")
+        print(f"(b) configs/demo.py train step, batch {r['batch']}, {r['data']} batches "
+              f"({r['timed_batches']} timed), alignment graph_scope {r['graph_scope']}, "
+              f"k={r['k']}; ratio = step time / alignment off; packed = share of "
+              f"{r['share_batches']} batches whose text branches fit the packed rows")
         rows = []
-        for key, v in r.items():
-            if key.startswith("alignment_"):
-                rows.append([key.replace("alignment_", "").replace("_", " text branch "),
-                             v["step_s"], r["batch"] * r["max_len"] / v["step_s"], v["ratio"],
-                             v["analytic_flops_ratio"], v["compile_s"], v["loss"],
-                             v.get("align_loss", "-")])
-        print(_common.table(["alignment", "s/step", "tok/s", "ratio", "FLOPs ratio",
-                             "compile s", "loss", "align loss"], rows))
-        print(f"goal ratio <= 1.3 (first alignment-on row): {r['ratio']:.2f} -> "
+        for key, v in r["variants"].items():
+            share = v["packed_share"]
+            rows.append([key, v["lengths"], "-" if share is None else f"{share:.2f}",
+                         v["branch_tokens_per_example"], v["step_s"],
+                         r["batch"] * r["max_len"] / v["step_s"], v["ratio"],
+                         v["analytic_flops_ratio"], v["compile_s"], v["loss"],
+                         v.get("align_loss", "-")])
+        print(_common.table(["variant", "lengths", "packed", "branch tok/ex", "s/step", "tok/s",
+                             "ratio", "FLOPs ratio", "compile s", "loss", "align loss"], rows))
+        print(f"goal ratio <= 1.3 ({r['first']}): {r['ratio']:.2f} -> "
               f"{'met' if r['ratio'] <= 1.3 else 'NOT met'}\n")
     print(json.dumps(dict(benchmark="train_step", cpu_count=os.cpu_count(),
                           torch_threads=torch.get_num_threads(), scan_layers=scan,

@@ -72,14 +72,16 @@ def _map_leading(fn, x, nbr):
 class GraphConv(nn.Module):
     """x_i' = W_root x_i + W_rel max_{j -> i} x_j + b  (torch_geometric GraphConv, aggr='max').
 
-    Works on [..., n, d] node features with [..., n, k] neighbour lists.
+    Works on [..., n, d] node features with [..., n, k] neighbour lists. With `src`
+    [P], x holds distinct node sets [..., U, n, d] and graph p is set src[p] on
+    topology nbr[..., p, :, :]: the root term is computed once per set, not per graph.
     """
 
     features: int
     message_flow: str = "original"
 
     @nn.compact
-    def __call__(self, x: jax.Array, nbr: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, nbr: jax.Array, src: jax.Array | None = None) -> jax.Array:
         d_in = x.shape[-1]
         # torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -93,8 +95,11 @@ class GraphConv(nn.Module):
         bias = self.param(
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)), (self.features,)
         )
+        root = x @ w_root
+        if src is not None:
+            root, x = jnp.take(root, src, axis=-3), jnp.take(x, src, axis=-3)
         agg = _map_leading(lambda a, b: max_aggregate(a, b, self.message_flow), x, nbr)
-        return x @ w_root + agg @ w_rel + bias
+        return root + agg @ w_rel + bias
 
 
 class GraphGNN(nn.Module):
@@ -106,9 +111,12 @@ class GraphGNN(nn.Module):
     message_flow: str = "original"
 
     @nn.compact
-    def __call__(self, x: jax.Array, nbr: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, nbr: jax.Array, *, deterministic: bool,
+                 src: jax.Array | None = None) -> jax.Array:
+        """`src`: as GraphConv's (distinct node sets shared by several graphs)."""
         for layer in range(self.num_layers):
-            x = GraphConv(self.features, self.message_flow, name=f"conv{layer}")(x, nbr)
+            conv = GraphConv(self.features, self.message_flow, name=f"conv{layer}")
+            x = conv(x, nbr, src if layer == 0 else None)
             x = nn.relu(x)
             x = nn.with_logical_constraint(x, (None,) * (x.ndim - 1) + ("mlp",))
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from exgra_jax.alignment import assignment, estimators, graph
@@ -106,6 +107,17 @@ def _ipfp_solve(unary, quad, nbr1, nbr2, *, num_iters, partial):
     return assignment.ipfp_matrix(unary, quad, nbr1, nbr2, num_iters=num_iters, partial=partial)
 
 
+# Node sets: 0-2 the modalities (image, response, caption), 3 the barycenter b. The ten
+# distinct GNN graphs (node set, topology set): per modality q (q, q), (b, q), (q, b);
+# then (b, b). Matching 2q is GM(q, b) on graphs (q, q) x (b, q) with topology q;
+# matching 2q + 1 is GM(b, q) on (b, b) x (q, b) with topology b.
+_GRAPH_SET = np.array([0, 3, 0, 1, 3, 1, 2, 3, 2, 3])
+_GRAPH_TOPOLOGY = np.array([0, 0, 3, 1, 1, 3, 2, 2, 3, 3])
+_X_GRAPH = np.array([0, 9, 3, 9, 6, 9])
+_Y_GRAPH = np.array([1, 2, 4, 5, 7, 8])
+_MATCH_TOPOLOGY = np.array([0, 3, 1, 3, 2, 3])
+
+
 class MultiGraphAlignment(nn.Module):
     """The alignment loss; its params are the shared GNN (d -> d).
 
@@ -134,18 +146,22 @@ class MultiGraphAlignment(nn.Module):
 
         mods = [x.astype(jnp.float32) for x in (image_nd, response_nd, caption_nd)]
         bary = (mods[0] + mods[1] + mods[2]) / 3.0
-        # Six matchings: (m, b) then (b, m) for each modality; x gives the topology.
-        xs = jnp.stack([v for mod in mods for v in (mod, bary)])
-        ys = jnp.stack([v for mod in mods for v in (bary, mod)])
-        xs = xs.reshape(6, groups, m, d).swapaxes(0, 1)  # [G, 6, m, d]
-        ys = ys.reshape(6, groups, m, d).swapaxes(0, 1)
+        sets = jnp.stack([*mods, bary]).reshape(4, groups, m, d).swapaxes(0, 1)  # [G, 4, m, d]
+        nbr_sets = jax.vmap(jax.vmap(lambda x: graph.knn_neighbors(x, cfg.k)))(sets)
 
-        nbr = jax.vmap(jax.vmap(lambda x: graph.knn_neighbors(x, cfg.k)))(xs)  # [G, 6, m, k]
-        gnn = graph.GraphGNN(d, cfg.gnn_layers, cfg.dropout, cfg.message_flow, name="gnn")
-        nodes = jnp.stack([xs, ys], axis=2)  # [G, 6, 2, m, d]
-        nbr2 = jnp.broadcast_to(nbr[:, :, None], (groups, 6, 2, m, cfg.k))
-        h = gnn(nodes, nbr2, deterministic=deterministic)
+        # Six matchings, (mod, b) then (b, mod) per modality: GM(x, y) runs the GNN on x
+        # and on y, both with x's kNN topology. Of their twelve graphs only ten differ
+        # ((b, topology b) serves all three GM(b, mod)), and the first layer's root term
+        # depends on the node set alone: GNN once per distinct graph, root once per set.
+        h = graph.GraphGNN(d, cfg.gnn_layers, 0.0, cfg.message_flow, name="gnn")(
+            sets, nbr_sets[:, _GRAPH_TOPOLOGY], src=_GRAPH_SET, deterministic=True
+        )  # [G, 10, m, d]
+        h = jnp.stack([h[:, _X_GRAPH], h[:, _Y_GRAPH]], axis=2)  # [G, 6, 2, m, d]
+        # Dropout per matching and side, as when every matching runs its own GNN.
+        h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         h = nn.with_logical_constraint(h, (None, None, None, None, "mlp"))
+        nbr = nbr_sets[:, _MATCH_TOPOLOGY]  # [G, 6, m, k]
+        nbr2 = jnp.broadcast_to(nbr[:, :, None], (groups, 6, 2, m, cfg.k))
 
         node = graph.l2_normalize(h)
         offset = cfg.unmatched_offset

@@ -10,6 +10,8 @@ exported LLaVA-Med VQA JSON folder; the best step is chosen on ``validation.json
 mean of open recall and closed accuracy. lr 4e-5: twice the batch of the other two sets,
 so the top of the 2e-5..4e-5 range. The exported ``train.json`` can replace TFDS
 (``--config.data.tfds_name= --config.data.json_paths=VQA_JSON/train.json ...``).
+Best step: its params are kept in ``DIR/best`` (``best.json`` has its scores); evaluate or
+export them with ``launch/eval.py --step best`` / ``convert_checkpoint.py to-hf --step best``.
 """
 
 from exgra_jax.train.defaults import finetune_vqa_config

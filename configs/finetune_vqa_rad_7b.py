@@ -12,6 +12,8 @@ exported ``train.json`` can replace TFDS: ``--config.data.tfds_name=
 VQA-RAD has no validation split, so selection runs on ``test.json`` (as LLaVA-Med).
 lr 2e-5: the smallest training set of the three (about 1.8k questions) takes the low end.
 Weights: a stage-2 result exported with ``tools/convert_checkpoint.py to-hf``.
+Best step: its params are kept in ``DIR/best`` (``best.json`` has its scores); evaluate or
+export them with ``launch/eval.py --step best`` / ``convert_checkpoint.py to-hf --step best``.
 """
 
 from exgra_jax.train.defaults import finetune_vqa_config

@@ -118,9 +118,13 @@ def tb_scalars(workdir: str, tag: str) -> dict[int, float]:
 
 
 def checkpoint_params(directory: str, step: int) -> dict:
+    """The params saved at ``step``, onto one device (whatever topology saved them)."""
     ckpt = Checkpointer(directory, async_save=False)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                            ckpt.manager.item_metadata(step)["state"])
     state = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+        state=ocp.args.StandardRestore(abstract)))["state"]
     ckpt.close()
     return state["params"]
 

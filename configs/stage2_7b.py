@@ -39,6 +39,10 @@ def get_config(arg: str | None = None):
     c.alignment.blackbox_lambda = 80.0
     c.alignment.text_branch = "llm"
     c.alignment.graph_scope = "global"
+    # One example per batch shard leaves nothing to pack the text branches with: the
+    # response and caption together rarely fit one row, and a batch that does not fit
+    # runs padded after all. Run them padded.
+    c.alignment.text_pack_fraction = 0.0
 
     c.train.trainable = (r"^model/projector/", r"^model/llm/", r"^alignment/")
     c.train.frozen = (r"^model/vision_tower/",)

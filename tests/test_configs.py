@@ -130,6 +130,7 @@ def test_stage2_specifics():
     a = trainer.alignment_config(c)
     assert c.alignment.weight == 1.0 and a.blackbox_lambda == 80.0
     assert c.alignment.text_branch == "llm"
+    assert c.alignment.text_pack_fraction == 0.0  # one example per shard: nothing to pack
     assert c.init.source in ("llava_hf", "llava_med")
 
 

@@ -145,13 +145,6 @@ def global_bytes(tree) -> int:
 
 
 # ============================================================================ compile
-def text_branch_tokens(config, run) -> int:
-    """Extra LLM tokens per example: the response and caption sequences of the 'llm' branch."""
-    if run.alignment is None or config.alignment.text_branch != "llm":
-        return 0
-    return config.data.response_len + config.data.caption_len
-
-
 def compile_train_step(config, devices, hbm_bytes: float, total_steps: int = 1000,
                        flops_pass: bool = True, log=lambda s: None) -> dict:
     """Lower and compile the train step over ``devices``; the figures as a dict.
@@ -172,7 +165,7 @@ def compile_train_step(config, devices, hbm_bytes: float, total_steps: int = 100
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     analytic = trainer.flops_per_step(run.model, config.train.global_batch_size,
-                                      config.data.max_len, text_branch_tokens(config, run))
+                                      config.data.max_len, trainer.text_branch_tokens(config, run))
     scanned_flops = _flops(compiled) * n
     if flops_pass:
         log("  counting FLOPs: decoder unrolled at 1 and 2 layers ...")

@@ -29,6 +29,9 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
     c.alignment.weight = 1.0
     c.alignment.text_branch = "llm"  # 'llm' (the original's after_de) | 'embeddings'
     c.alignment.pool_include_padding = False  # True: the original's mean over padding
+    # Packed rows for the 'llm' text branches per batch shard, as a fraction of their padded
+    # tokens (train/step.py); 0 runs them padded. A batch that does not fit runs padded.
+    c.alignment.text_pack_fraction = 0.25
 
     # Data (exgra_jax.data.pipeline.DataConfig); image size and image-token count come
     # from the model config.

@@ -32,7 +32,7 @@ from exgra_jax.checkpoint import Checkpointer, param_shapes
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import state as st
-from exgra_jax.train.step import StepConfig, make_eval_step, make_train_step
+from exgra_jax.train.step import StepConfig, make_eval_step, make_train_step, pack_rows
 
 log = logging.getLogger("exgra_jax.train")
 
@@ -244,7 +244,20 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 
-def flops_per_step(mcfg: ModelConfig, batch: int, seq: int, text_branch_tokens: int) -> float:
+def text_branch_tokens(config, run) -> float:
+    """LLM tokens per example of the 'llm' text branches: response + caption lengths, or
+    the packed rows' share when they pack (a batch that does not fit runs padded)."""
+    sc = run.step_config
+    if run.alignment is None or sc.text_branch != "llm":
+        return 0.0
+    lengths = (config.data.response_len, config.data.caption_len)
+    b = config.train.global_batch_size // config.train.micro_batches
+    groups = sc.num_groups if b % sc.num_groups == 0 else 1
+    rows, row_len = pack_rows(sc, b // groups, lengths)
+    return groups * rows * row_len / b if rows else float(sum(lengths))
+
+
+def flops_per_step(mcfg: ModelConfig, batch: int, seq: int, text_branch_tokens: float) -> float:
     """Analytic training FLOPs: 6 N per LLM token (forward + backward) plus causal attention,
     and 2 N per patch for the frozen vision tower (forward only)."""
     d, layers = mcfg.hidden_size, mcfg.num_layers
@@ -302,6 +315,7 @@ def build(config, total_steps: int, devices=None) -> Run:
         text_branch=config.alignment.text_branch,
         pool_include_padding=config.alignment.pool_include_padding,
         num_groups=num_groups, micro_batches=config.train.micro_batches, seed=config.train.seed,
+        text_pack_fraction=config.alignment.text_pack_fraction,
     )
     rows = st.embedding_row_mask(unboxed_abs, config.train.trainable_embedding_rows) \
         if config.train.trainable_embedding_rows else None
@@ -422,9 +436,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     t = config.train
     n_dev = jax.device_count()
     flops = flops_per_step(run.model, t.global_batch_size, config.data.max_len,
-                           config.data.response_len + config.data.caption_len
-                           if run.alignment is not None and config.alignment.text_branch == "llm"
-                           else 0)
+                           text_branch_tokens(config, run))
     last: dict[str, Any] = {}
     step = start
     stop_at = min(total, start + t.stop_after_steps) if t.stop_after_steps else total

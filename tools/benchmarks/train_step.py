@@ -165,7 +165,9 @@ def pad_branches(batch: dict, response_len: int, caption_len: int) -> dict:
     for key, n in (("response", response_len), ("caption", caption_len)):
         for name in (key + "_ids", key + "_mask"):
             x = batch[name]
-            out[name] = np.pad(x, ((0, 0), (0, max(n - x.shape[1], 0))))
+            if n < x.shape[1]:
+                raise SystemExit(f"--b-before-lengths: {key} {n} < the config's {x.shape[1]}")
+            out[name] = np.pad(x, ((0, 0), (0, n - x.shape[1])))
     return out
 
 
@@ -372,24 +374,23 @@ def part_b(scan, repeats, steps, branches, data, data_dir, before_lengths):
         sc = step.run.step_config if not changes else dataclasses.replace(
             step.run.step_config, **changes)
         b = c.train.global_batch_size
-        extra = 0.0
-        if on and branch == "llm":
+        extra, share = 0.0, None
+        if on and branch == "llm":  # LLM tokens per example: packed rows or padded lengths
             rows, row_len = pack_rows(sc, b, (c.data.response_len, c.data.caption_len))
-            share = packed_share(all_batches, sc) if rows else 0.0
+            share = packed_share(before if is_before else all_batches, sc)
             padded = c.data.response_len + c.data.caption_len
             extra = share * rows * row_len / b + (1 - share) * padded
         sides[key], firsts[key] = step, first
         info[key] = dict(
             {k: float(v) for k, v in m.items() if k in ("loss", "lm_loss", "align_loss")},
             lengths=f"{c.data.max_len}/{c.data.response_len}/{c.data.caption_len}",
-            packed_share=(packed_share(all_batches, sc) if on and branch == "llm" else None),
-            branch_tokens_per_example=extra,
+            packed_share=share, branch_tokens_per_example=extra,
             analytic_flops=trainer.flops_per_step(mcfg, b, c.data.max_len, extra))
-    info.update(batch=base.train.global_batch_size, max_len=base.data.max_len,
-                response_len=base.data.response_len, caption_len=base.data.caption_len,
-                k=base.alignment.k, graph_scope=base.alignment.graph_scope,
-                image_tokens=mcfg.num_image_tokens, data=data, timed_batches=len(batches),
-                share_batches=len(all_batches))
+    common = dict(batch=base.train.global_batch_size, max_len=base.data.max_len,
+                  response_len=base.data.response_len, caption_len=base.data.caption_len,
+                  k=base.alignment.k, graph_scope=base.alignment.graph_scope,
+                  image_tokens=mcfg.num_image_tokens, data=data, timed_batches=len(batches),
+                  share_batches=len(all_batches))
     med, times = _common.interleaved(sides, repeats, steps)
     for key in variants:
         info[key].update(step_s=med[key], ratio=med[key] / med["off"],
@@ -398,8 +399,8 @@ def part_b(scan, repeats, steps, branches, data, data_dir, before_lengths):
                          / info["off"]["analytic_flops"])
     if tmp is not None:
         tmp.cleanup()
-    return dict(variants=info, **{k: v for k, v in info.items() if k not in variants},
-                scan_layers=scan, ratio=med[branches[0]] / med["off"], first=branches[0])
+    return dict(variants=info, **common, scan_layers=scan,
+                ratio=med[branches[0]] / med["off"], first=branches[0])
 
 
 def main():

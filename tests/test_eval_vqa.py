@@ -108,7 +108,7 @@ def _one_at_a_time(setup, questions):
     params = jax.device_get(model.params)  # host copies: no mesh, no sharding
     texts = []
     for q in questions:
-        ids = conv.prompt_ids(q.text, True)[None]
+        ids = conv.prompt_ids(q.text, True, config.eval.image_first)[None]
         out = generate(model.config, params, ids, np.ones_like(ids), pre(q.image)[None],
                        config=gen, tokenizer=tok)
         texts.append(out.texts[0].strip())

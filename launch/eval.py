@@ -10,7 +10,8 @@ validation step that fine-tuning with config.eval.select_metric kept in WORKDIR/
 llava-hf directory (--hf_dir; WORKDIR then only receives the outputs). Without --config the
 training config saved in WORKDIR/config.json is used. Answers go to --out (default
 WORKDIR/eval/TASK_stepN.jsonl, or TASK_best_stepN.jsonl) and the metrics next to them
-(.metrics.json); the metrics JSON is also printed as the last line. Rerunning resumes: answered questions are skipped.
+(.metrics.json); the metrics JSON is also printed as the last line. Rerunning resumes:
+answered questions are skipped.
 On several hosts, every host runs this same command.
 """
 

@@ -112,6 +112,13 @@ def pack_rows(sc: StepConfig, n: int, lengths: tuple[int, ...]) -> tuple[int, in
     return (rows, row_len) if packs else (0, row_len)
 
 
+def pack_layout(sc: StepConfig, b: int, lengths: tuple[int, ...]) -> tuple[int, int, int]:
+    """(shard groups, rows per group, row length) of the text branches of a b-example
+    micro-batch: packing stays within batch shards; rows 0: padded."""
+    groups = sc.num_groups if b % sc.num_groups == 0 else 1
+    return (groups, *pack_rows(sc, b // groups, lengths))
+
+
 def text_branch_vectors(model: LlavaModel, params, batch, sc: StepConfig):
     """Pooled response and caption vectors [b, d] (float32) and whether they were packed."""
     names = (("response_ids", "response_mask"), ("caption_ids", "caption_mask"))
@@ -133,8 +140,7 @@ def text_branch_vectors(model: LlavaModel, params, batch, sc: StepConfig):
                      for ids, m in seqs])
 
     b = seqs[0][0].shape[0]
-    groups = sc.num_groups if b % sc.num_groups == 0 else 1  # pack within batch shards
-    rows, row_len = pack_rows(sc, b // groups, tuple(ids.shape[1] for ids, _ in seqs))
+    groups, rows, row_len = pack_layout(sc, b, tuple(ids.shape[1] for ids, _ in seqs))
     if not rows:
         return (*padded(params), not_packed)
 

@@ -32,7 +32,7 @@ from exgra_jax.checkpoint import Checkpointer, param_shapes
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import state as st
-from exgra_jax.train.step import StepConfig, make_eval_step, make_train_step, pack_rows
+from exgra_jax.train.step import StepConfig, make_eval_step, make_train_step, pack_layout
 
 log = logging.getLogger("exgra_jax.train")
 
@@ -252,8 +252,7 @@ def text_branch_tokens(config, run) -> float:
         return 0.0
     lengths = (config.data.response_len, config.data.caption_len)
     b = config.train.global_batch_size // config.train.micro_batches
-    groups = sc.num_groups if b % sc.num_groups == 0 else 1
-    rows, row_len = pack_rows(sc, b // groups, lengths)
+    groups, rows, row_len = pack_layout(sc, b, lengths)
     return groups * rows * row_len / b if rows else float(sum(lengths))
 
 

@@ -26,6 +26,12 @@ setup(
         "sentencepiece>=0.2",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        # Medical image formats (DICOM, NIfTI) read by the data pipeline, eval and serving.
+        "pydicom>=3.0",
+        "nibabel>=5.2",
+        # The OpenAI-compatible server (exgra_jax.serve).
+        "starlette>=0.40",
+        "uvicorn>=0.30",
     ],
     extras_require={
         "tpu": ["jax[tpu]"],
@@ -46,6 +52,10 @@ setup(
             "lap>=0.5",
             "nltk>=3.8",
             "ruff>=0.6",
+            # References: PEFT's LoRA, the official OpenAI client, Mistral-7B's real tokenizer.
+            "peft>=0.13",
+            "openai>=1.50",
+            "mistral-common>=1.5",
             # Compiles for TPU topologies on a CPU (tools/aot_compile.py and its test).
             "libtpu",
         ],

@@ -106,8 +106,8 @@ class ChatSession:
 # ------------------------------------------------------------------------------ loading
 def session_factory(args):
     """Loads the model once; returns a function making new sessions that share it."""
+    from exgra_jax.config_paths import load_config_file  # noqa: PLC0415
     from exgra_jax.eval.checkpoint_loading import load_for_eval, read_workdir_config  # noqa: PLC0415
-    from exgra_jax.train.defaults import load_config_file  # noqa: PLC0415
 
     if args.config:
         config = load_config_file(args.config)

@@ -21,6 +21,7 @@ not, as LLaVA v1 does not).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,11 +80,20 @@ class Template:
         parts.append(self.tail)
         return "".join(parts), targets
 
-    def prompt(self, question: str) -> str:
-        """The text a model continues to answer `question` (image tokens already in it)."""
-        return self.header + self.human_prefix + question + self.human_suffix + (
-            self.assistant_prefix
-        )
+    def chat_prompt(self, turns: Sequence[tuple[str, str | None]]) -> str:
+        """The text a model continues to answer the last question of ``turns``.
+
+        ``turns`` are (question, answer) pairs, image tokens already in the questions; the
+        last answer is None. Earlier exchanges are rendered exactly as in training, so the
+        prompt is the prefix of the training sequence up to the last answer.
+        """
+        if not turns or turns[-1][1] is not None or any(a is None for _, a in turns[:-1]):
+            raise ValueError("chat_prompt needs (question, answer) turns, only the last "
+                             "answer None")
+        flat = [(role, text) for q, a in turns
+                for role, text in (("human", q), ("gpt", a)) if text is not None]
+        text, _ = self.render(flat)
+        return text[: len(text) - len(self.tail)] + self.assistant_prefix
 
 
 TEMPLATES = {
@@ -282,19 +292,34 @@ class ConversationTokenizer:
         return self.tokenize_text(answers_text(normalize_turns(conversation)), max_len)
 
     # ----------------------------------------------------------------------------------
+    def chat_prompt_text(self, turns: Sequence[tuple[str, str | None]], has_image: bool,
+                         image_first: bool = False) -> str:
+        """THE generation prompt: VQA evaluation, the chat, the server and the exported
+        chat template all build their prompts with this rule.
+
+        ``turns``: (question, answer) pairs, the last answer None. ``<image>`` placeholders
+        are removed from the questions; with ``has_image`` the image tokens go after the
+        first question (LLaVA-Med's evaluation prompt) or, with ``image_first``, before it
+        (how its training conversations place them), joined by a newline.
+        """
+        clean = [(q.replace(IMAGE_PLACEHOLDER, "").strip(), a) for q, a in turns]
+        if has_image and clean:
+            q, a = clean[0]
+            q = self._image_text + "\n" + q if image_first else q + "\n" + self._image_text
+            clean[0] = (q, a)
+        return self.template.chat_prompt(clean)
+
     def prompt_text(self, question: str, has_image: bool, image_first: bool = False) -> str:
-        """LLaVA-Med VQA style prompt: `<image>` removed, image tokens after the question
-        (LLaVA-Med's evaluation), or before it with ``image_first`` (how its training
-        conversations place them)."""
-        question = question.replace(IMAGE_PLACEHOLDER, "").strip()
-        if has_image:
-            question = (self._image_text + "\n" + question if image_first
-                        else question + "\n" + self._image_text)
-        return self.template.prompt(question)
+        """The generation prompt for one question (see `chat_prompt_text`)."""
+        return self.chat_prompt_text([(question, None)], has_image, image_first)
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """Token ids (BOS first, unpadded) of a prompt text."""
+        return self._encode(text)[0]
 
     def prompt_ids(self, question: str, has_image: bool, image_first: bool = False) -> np.ndarray:
         """Token ids (BOS first, unpadded) of the generation prompt for one question."""
-        return self._encode(self.prompt_text(question, has_image, image_first))[0]
+        return self.encode_prompt(self.prompt_text(question, has_image, image_first))
 
     @property
     def min_length_with_image(self) -> int:

@@ -46,6 +46,8 @@ setup(
             "lap>=0.5",
             "nltk>=3.8",
             "ruff>=0.6",
+            # The real Mistral-7B tokenizer (tokenizer.model.v1) for the template tests.
+            "mistral-common==1.9.1",
             # Compiles for TPU topologies on a CPU (tools/aot_compile.py and its test).
             "libtpu",
         ],

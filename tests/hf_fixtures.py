@@ -90,3 +90,24 @@ def llava(seed: int = 0, vision=None, text=None, text_model: str = "llama",
     m = LlavaForConditionalGeneration(cfg).eval()
     _randomize(m, seed)
     return m
+
+
+def mistral_tokenizer_dir(out_dir: str) -> str:
+    """Mistral-7B's sentencepiece tokenizer, shipped by mistral-common (tokenizer.model.v1,
+    the tokenizer of LLaVA-Med v1.5), as a Hugging Face tokenizer directory. ``legacy``
+    tokenization: every text piece between special tokens starts a new sentencepiece word,
+    as LLaVA's chunk-by-chunk tokenization does."""
+    import json
+    import os
+    import shutil
+
+    import mistral_common
+
+    model = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy(model, os.path.join(out_dir, "tokenizer.model"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "legacy": True, "add_bos_token": True,
+                   "add_eos_token": False}, f)
+    return out_dir

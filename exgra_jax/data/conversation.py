@@ -11,6 +11,8 @@ to emit (the template's stop string), starting at the space after the role's col
     "{system} USER: {q} ASSISTANT:[ {a}</s>]USER: {q} ASSISTANT:[ {a}</s>]"
   simple (LLaVA-Med VQA evaluation prompt, one-shot greeting, '###' separators):
     "{system}###Human: Hi!###Assistant: Hi there! How can I help you today?###Human: {q}###Assistant:[ {a}###]"
+  mistral_instruct (LLaVA-Med v1.5; LLaVA's LLAMA_2 separator style, empty system prompt):
+    "[INST] {q} [/INST][ {a} </s>][INST] {q} [/INST][ {a} </s>]"
 
 (brackets mark the targets). The whole string is tokenized once; a token is a target when
 its first character lies inside a target range, so the labels follow the real tokenization
@@ -21,6 +23,7 @@ not, as LLaVA v1 does not).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -122,6 +125,14 @@ TEMPLATES = {
         assistant_prefix="Assistant:",
         stop="###",
     ),
+    "mistral_instruct": Template(
+        name="mistral_instruct",
+        header="",
+        human_prefix="[INST] ",
+        human_suffix=" [/INST]",
+        assistant_prefix="",
+        stop=" </s>",
+    ),
 }
 
 
@@ -129,6 +140,53 @@ def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise ValueError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def chat_template_jinja(template: str, image_text: str, image_first: bool) -> str:
+    """A Jinja chat template (transformers' ``apply_chat_template``) rendering exactly what
+    `ConversationTokenizer.chat_prompt_text` builds, with ``image_text`` as the image block
+    (for a processor: one image token that it expands to the image's token count).
+
+    Messages are {"role": "user"|"assistant", "content": str | [{"type": "text"|"image"}]}.
+    As in `chat_prompt_text`: ``<image>`` is removed from user text, which is stripped; a
+    conversation with an image (an image part anywhere, or ``<image>`` in user text) gets
+    the image block on its first question, before it with ``image_first``, else after.
+    """
+    t = get_template(template)
+
+    def lit(text: str) -> str:
+        return json.dumps(text)  # a JSON string is a valid Jinja string literal
+
+    image = lit(image_text)
+    placed = f"{image} + '\\n' + text" if image_first else f"text + '\\n' + {image}"
+    return (
+        "{%- macro text_of(content) -%}"
+        "{%- if content is string -%}{{ content }}{%- else -%}"
+        "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+        "{%- endif -%}{%- endmacro -%}"
+        "{%- set ns = namespace(image=false, first=true) -%}"
+        "{%- for m in messages if m['role'] == 'user' -%}"
+        "{%- if m['content'] is string -%}"
+        "{%- if '<image>' in m['content'] -%}{%- set ns.image = true -%}{%- endif -%}"
+        "{%- else -%}{%- for part in m['content'] if part['type'] == 'image' -%}"
+        "{%- set ns.image = true -%}{%- endfor -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{{ bos_token }}" + "{{ " + lit(t.header) + " }}"
+        "{%- for m in messages -%}"
+        "{%- set text = text_of(m['content']) -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- set text = text.replace('<image>', '') | trim -%}"
+        "{%- if ns.first and ns.image -%}{%- set text = " + placed + " -%}{%- endif -%}"
+        "{%- set ns.first = false -%}"
+        "{{ " + lit(t.human_prefix) + " + text + " + lit(t.human_suffix) + " }}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{{ " + lit(t.assistant_prefix + " ") + " + text + " + lit(t.stop) + " }}"
+        "{%- else -%}{{ raise_exception('only user and assistant messages') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + lit(t.assistant_prefix) + " }}"
+        "{%- else -%}{{ " + lit(t.tail) + " }}{%- endif -%}"
+    )
 
 
 def image_token_string(num_image_tokens: int, use_im_start_end: bool) -> str:

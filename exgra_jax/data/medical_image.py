@@ -117,7 +117,7 @@ class MedicalImageOptions:
             object.__setattr__(self, "window", tuple(self.window))
         if channels and len(channels) != 3:
             raise ValueError(f"channel_windows needs 3 windows (R, G, B), got {len(channels)}")
-        if channels and _window_spec(self.window) is not None:
+        if _window_spec(self.window) is not None and channels:  # also validates window
             raise ValueError("set either window or channel_windows, not both")
         for spec in channels:
             if _window_spec(spec) is None:
@@ -201,12 +201,12 @@ def _grey_to_rgb(values: np.ndarray, options: MedicalImageOptions, file_window) 
     return np.stack(channels, axis=-1)
 
 
-def _pick(index: int | None, count: int, what: str) -> int:
+def _pick(index: int | None, count: int, what: str, where: str = "") -> int:
     """The chosen index (None: the middle; negatives count from the end), range-checked."""
     if index is None:
         return count // 2
     if not -count <= index < count:
-        raise ValueError(f"{what} {index} is out of range: there are {count}")
+        raise ValueError(f"{what} {index} is out of range: there are {count}{where}")
     return index % count
 
 
@@ -240,10 +240,9 @@ def _frame_item(ds, frame: int, sequence: str, macro: str):
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
                           ("SharedFunctionalGroupsSequence", 0)):
         items = ds.get(groups)
-        if items is not None and len(items) > index and macro in items[index]:
-            inner = items[index][macro]
-            if len(inner) and sequence in inner[0]:
-                return inner[0]
+        inner = items[index].get(macro) if items is not None and len(items) > index else None
+        if inner and sequence in inner[0]:
+            return inner[0]
     return None
 
 
@@ -347,10 +346,10 @@ def decode_nifti(src, options: MedicalImageOptions) -> np.ndarray:
     if image.get_data_dtype().fields is not None or image.get_data_dtype().kind == "c":
         raise ValueError(f"NIfTI data type {image.get_data_dtype()} (RGB or complex) is not "
                          "supported; convert it to a scalar volume")
-    index: list = [slice(None), slice(None)] + [0] * (len(shape) - 2)
+    index: list = [slice(None)] * min(len(shape), 3) + [0] * (len(shape) - 3)
     if len(shape) >= 3:
         axis = options.axis % 3
-        index[axis] = _pick(options.slice_index, shape[axis], f"NIfTI slice along axis {axis}")
+        index[axis] = _pick(options.slice_index, shape[axis], "NIfTI slice", f" along axis {axis}")
     plane = np.asarray(image.dataobj[tuple(index)], np.float64)  # scl_slope/inter applied
     cal_min, cal_max = (float(image.header[k]) for k in ("cal_min", "cal_max"))
 

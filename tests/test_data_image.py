@@ -202,6 +202,9 @@ def test_non_images_are_refused_naming_the_file(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ImageDecodeError, match=name.replace(".", r"\.")):
             load_image(str(tmp_path / name))
+    with pytest.raises(ImageDecodeError, match=r"<19 bytes>: not a format PIL reads") as info:
+        load_image(b"not an image at all")
+    assert " at 0x" not in str(info.value)  # no object address
     with pytest.raises(ImageDecodeError, match="not found: .*gone.png"):
         load_image("gone.png", str(tmp_path))
 

@@ -12,7 +12,7 @@ Decoding (`load_image`) turns every input into the RGB picture it shows:
   background, by default the mean colour the preprocessor pads with:
   out = floor((c a + b (255 - a)) / 255 + 0.5) per channel, for alpha a in 0..255.
 - DICOM (.dcm, or DICM at byte 128) and NIfTI (.nii, .nii.gz, or the NIfTI magic) follow
-  the windowing rules of `exgra_jax.data.medical_image`, set by `MedicalImageOptions`.
+  the rules of `dicom.py`, `nifti.py` and `medical_image.py`, set by `MedicalImageOptions`.
 - Paths are joined with `image_root` through `resolve_image_path`, which refuses names
   that leave that folder unless allowed.
 
@@ -32,19 +32,22 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from exgra_jax.data.dicom import decode_dicom
 from exgra_jax.data.medical_image import (
     HEADER_BYTES,
     MedicalImageOptions,
-    decode_medical,
     percentile_range,
     scale_to_uint8,
     sniff_format,
 )
+from exgra_jax.data.nifti import decode_nifti
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ASPECT_MODES = ("crop", "pad")
+
+MEDICAL_DECODERS = {"dicom": decode_dicom, "nifti": decode_nifti}  # sniff_format's kinds
 
 # PIL modes holding more than 8 bits of grey (scaled by the image's own range).
 DEEP_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -157,7 +160,7 @@ def _open(image, image_root, medical, allow_outside) -> Image.Image:
         data = bytes(image)
         kind = sniff_format(data[:HEADER_BYTES])
         if kind is not None:
-            return Image.fromarray(decode_medical(kind, data, medical))
+            return Image.fromarray(MEDICAL_DECODERS[kind](data, medical))
         pil = Image.open(io.BytesIO(data))
     elif isinstance(image, (str, os.PathLike)):
         path = resolve_image_path(image_root, image, allow_outside)
@@ -168,7 +171,7 @@ def _open(image, image_root, medical, allow_outside) -> Image.Image:
             raise ImageDecodeError(f"image file not found: {path}") from e
         kind = sniff_format(head, path)
         if kind is not None:
-            return Image.fromarray(decode_medical(kind, path, medical))
+            return Image.fromarray(MEDICAL_DECODERS[kind](path, medical))
         pil = Image.open(path)
     else:
         raise ImageDecodeError(f"unsupported image value of type {type(image).__name__}")
@@ -192,6 +195,9 @@ def load_image(image, image_root: str | None = None, *, background=None,
         return to_rgb(pil, background)
     except ImageDecodeError:
         raise
+    except Image.UnidentifiedImageError as e:  # its message shows a file object's address
+        raise ImageDecodeError(f"cannot decode image {_describe(image)}: not a format PIL "
+                               "reads, nor DICOM or NIfTI") from e
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"cannot decode image {_describe(image)}: {e}") from e
 

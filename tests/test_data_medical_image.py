@@ -108,6 +108,11 @@ def test_mr_uses_the_file_window_like_pydicom():
     assert np.abs(out[..., 0] - ref).max() <= 1.0
     # use_file_window=False: back to min..max.
     np.testing.assert_array_equal(_load(path, use_file_window=False), _rgb(_min_max(stored)))
+    # Several windows in the file: the first.
+    multi = _bundled("examples_overlay.dcm")
+    ds = pydicom.dcmread(multi)
+    assert list(ds.WindowCenter) == [450, 200] and list(ds.WindowWidth) == [790, 443]
+    np.testing.assert_array_equal(_load(multi), _rgb(_windowed(ds.pixel_array, 450, 790)))
 
 
 def test_monochrome1_is_inverted_after_rescale_and_window():

@@ -16,6 +16,7 @@ For the chosen frame (`frame`; default the middle one, n // 2):
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,8 +53,8 @@ def _modality_values(ds, stored: np.ndarray, frame: int) -> np.ndarray:
 
 
 def _first(value) -> float:
-    """The first of a possibly multi-valued DICOM number."""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    """The first of a possibly multi-valued DICOM number (pydicom's MultiValue)."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
         value = value[0]
     return float(value)
 

@@ -60,7 +60,8 @@ def decode_nifti(src, options: MedicalImageOptions) -> np.ndarray:
     index: list = [slice(None)] * min(len(shape), 3) + [0] * (len(shape) - 3)
     if len(shape) >= 3:
         axis = options.axis % 3
-        index[axis] = pick_index(options.slice_index, shape[axis], "NIfTI slice", f" along axis {axis}")
+        index[axis] = pick_index(options.slice_index, shape[axis], "NIfTI slice",
+                                 f" along axis {axis}")
     plane = np.asarray(image.dataobj[tuple(index)], np.float64)  # scl_slope/inter applied
     cal_min, cal_max = (float(image.header[k]) for k in ("cal_min", "cal_max"))
 

@@ -9,8 +9,8 @@ Malformed records (no conversation, bad turns) are dropped when a source is open
 check of the record alone, so start-up touches no image file. Everything about the image
 (a name that leads outside the image folder, a missing or corrupt file) is found when the
 record is read (on the host that reads it) and becomes a counted skip in the pipeline,
-so start-up makes no file-system call per record. Both stages stop with a `BadDataError` naming examples
-when more than `max_bad_fraction` of the data is bad.
+so start-up makes no file-system call per record. Both stages stop with a `BadDataError`
+naming examples when more than `max_bad_fraction` of the data is bad.
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ def main():
     print(f"growth {large['records']} / {small['records']} records: "
           + ", ".join(f"{k} x{v}" for k, v in growth.items()))
     print(json.dumps({"benchmark": "data_startup", "batch_size": args.batch,
-                      "images": args.images, "repeats": args.repeats, "rows": rows, "growth": growth}))
+                      "images": args.images, "repeats": args.repeats, "rows": rows,
+                      "growth": growth}))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ def data_config(config, mcfg: ModelConfig, batch_size: int, *, eval_mode: bool =
                  tfds_name="", shuffle=False)
     return DataConfig(
         json_paths=tuple(d["json_paths"]), image_folder=d["image_folder"] or None,
+        allow_outside_image_folder=d.get("allow_outside_image_folder", False),
+        medical=d.get("medical", {}),
         tfds_name=d["tfds_name"] or None, tfds_split=d["tfds_split"],
         tfds_data_dir=d["tfds_data_dir"] or None, template=d["template"],
         max_len=d["max_len"], response_len=d["response_len"], caption_len=d["caption_len"],

@@ -76,7 +76,8 @@ def data_config(config, mcfg: ModelConfig, batch_size: int, *, eval_mode: bool =
 
 
 def validate(config, mcfg: ModelConfig, acfg: AlignmentConfig | None, mesh) -> None:
-    """Errors that say what to change, before anything compiles."""
+    """Errors that say what to change, before anything compiles (the config's paths are
+    checked separately: ``config_paths.check_config_paths``)."""
     t = config.train
     shards = parallel.batch_shard_count(mesh)
     if t.global_batch_size % (shards * t.micro_batches):
@@ -109,7 +110,6 @@ def validate(config, mcfg: ModelConfig, acfg: AlignmentConfig | None, mesh) -> N
     if config.eval.json_paths and config.eval.batch_size % jax.process_count():
         raise ValueError(f"eval.batch_size={config.eval.batch_size} (global) must be divisible "
                          f"by the {jax.process_count()} processes")
-    check_config_paths(config)
 
 
 # =============================================================================== params

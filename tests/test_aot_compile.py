@@ -83,9 +83,10 @@ def test_compiles_for_v5e_4_with_consistent_memory(figures):
     # The state (the weights and Adam's two float32 moments of the trainable ones) is split
     # over the 4 fsdp devices: a quarter each, plus the few vectors too short to split
     # (measured 1.07x; replicated it would be 4x).
-    quarter = 4 * (total + 2 * trainable) / 4
-    assert quarter <= r["state_bytes_per_device"] <= 1.15 * quarter
-    assert 4 * total / 4 <= r["params_bytes_per_device"] <= 1.15 * 4 * total / 4
+    state_share = 4 * (total + 2 * trainable) / r["devices"]
+    assert state_share <= r["state_bytes_per_device"] <= 1.15 * state_share
+    params_share = 4 * total / r["devices"]
+    assert params_share <= r["params_bytes_per_device"] <= 1.15 * params_share
     # Arguments hold the device's shard of the state and batch (TPU tiles pad small arrays).
     assert r["argument_bytes"] >= r["state_bytes_per_device"] + r["batch_bytes_per_device"]
     # The state is donated: outputs reuse all of its buffers.

@@ -259,7 +259,5 @@ def answer_questions(
         if progress is not None:
             progress(done, len(pending))
     complete = done_keys.union(id_key(q.id) for q in pending) >= set(keys)
-    if writer:
-        write_ordered(out_path, questions, answered)
     records = [answered[k] for k in keys if k in answered]
     return records, complete

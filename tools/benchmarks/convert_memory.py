@@ -42,9 +42,13 @@ from exgra_jax.models import config as mc
 from exgra_jax.models.llava import init_params
 from exgra_jax.workdir import CHECKPOINTS, CONFIG_JSON
 
+import numpy as np
 sizes, workdir = json.loads(sys.argv[1]), sys.argv[2]
 cfg = mc.llava_med_7b(**sizes)
-params = jax.jit(lambda: init_params(cfg, jax.random.key(0)))()
+# Leaf by leaf in numpy (one copy of the weights; values do not matter here).
+rng = np.random.default_rng(0)
+params = jax.tree.map(lambda a: rng.standard_normal(a.shape, np.float32) * 0.02,
+                      jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
 state = {"params": {"model": params}}
 ckpt = Checkpointer(os.path.join(workdir, CHECKPOINTS), async_save=False)
 ckpt.save(1, state, None, {"model": cfg.to_dict(), "param_shapes": param_shapes(state["params"])},

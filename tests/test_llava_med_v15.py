@@ -1,0 +1,180 @@
+"""LLaVA-Med v1.5 (``llava_mistral``): a directory written with v1.5's tensor names and
+config keys imports with the logits of a reference assembled from transformers'
+MistralForCausalLM + CLIPVisionModel + a torch projector; its llava-hf export, loaded with
+``from_pretrained`` + ``AutoProcessor`` + ``apply_chat_template``, gives our prompt ids,
+pixels and greedy tokens, with the real Mistral tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import hf_fixtures as F
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from exgra_jax.convert import hf
+from exgra_jax.convert.processor import save_processor
+from exgra_jax.convert.safetensors_io import write_safetensors
+from exgra_jax.data.conversation import ConversationTokenizer
+from exgra_jax.data.image import ImageConfig, ImagePreprocessor
+from exgra_jax.data.tokenizer import load_tokenizer
+from exgra_jax.inference.generate import GenerationConfig, generate
+from exgra_jax.models.llava import LlavaModel
+
+SIZE, PATCH = 48, 8  # the 336-px tower in miniature: 6 x 6 patches, 37 position rows
+N_IMG = (SIZE // PATCH) ** 2
+VOCAB = 32000  # Mistral-7B's, so the real tokenizer drives the model
+
+
+def _v15_config(mistral, clip) -> dict:
+    """The config keys of microsoft/llava-med-v1.5-mistral-7b, with tiny sizes."""
+    text = mistral.config
+    return {
+        "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral",
+        "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads, "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
+        "max_position_embeddings": 256, "hidden_act": "silu", "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size":
+        clip.config.hidden_size, "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
+        "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat",
+        "tokenizer_model_max_length": 256, "tokenizer_padding_side": "right",
+        "freeze_mm_mlp_adapter": False, "tune_mm_mlp_adapter": False, "use_mm_proj": True,
+    }
+
+
+def _write_v15(out_dir, mistral, clip, projector):
+    tensors = {}
+    for k, v in mistral.state_dict().items():  # model.* and lm_head.weight
+        tensors[k] = v.numpy()
+    for k, v in clip.state_dict().items():  # (vision_model.)embeddings.*, encoder.*, ...
+        k = k.removeprefix("vision_model.")
+        tensors["model.vision_tower.vision_tower.vision_model." + k] = v.numpy()
+    for k, v in projector.state_dict().items():  # 0.weight, 0.bias, 2.weight, 2.bias
+        tensors["model.mm_projector." + k] = v.numpy()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    os.makedirs(out_dir, exist_ok=True)
+    for fname, keys in shards.items():
+        write_safetensors(os.path.join(out_dir, fname),
+                          [(k, tensors[k].shape, tensors[k].dtype) for k in keys],
+                          tensors.__getitem__)
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(_v15_config(mistral, clip), f)
+
+
+@pytest.fixture(scope="module")
+def v15(tmp_path_factory):
+    root = tmp_path_factory.mktemp("v15")
+    mistral = F.mistral(seed=31, vocab_size=VOCAB)
+    clip = F.clip_vision(seed=32, image_size=SIZE, patch_size=PATCH)
+    torch.manual_seed(33)
+    projector = torch.nn.Sequential(torch.nn.Linear(clip.config.hidden_size, 64),
+                                    torch.nn.GELU(), torch.nn.Linear(64, 64)).eval()
+    d = str(root / "llava-med-v1.5")
+    _write_v15(d, mistral, clip, projector)
+    # v1.5 does not record the vision head count (ViT-L/14's 16 = width / 64 is inferred).
+    cfg, params = hf.load_llava_med(d, vision_heads=4)
+    tok = load_tokenizer(F.mistral_tokenizer_dir(str(root / "tokenizer")))
+    return dict(root=root, dir=d, mistral=mistral, clip=clip, projector=projector, cfg=cfg,
+                params=params, tok=tok)
+
+
+def _reference_logits(v15, text_ids, image_at, pix_nchw):
+    """LLaVA v1.5's forward in torch: CLIP layer -2 patches -> projector, spliced at the
+    image position (the -200 placeholder in LLaVA's code), through MistralForCausalLM."""
+    with torch.no_grad():
+        hidden = v15["clip"](pixel_values=torch.tensor(pix_nchw),
+                             output_hidden_states=True).hidden_states[-2][:, 1:]
+        feats = v15["projector"](hidden)
+        embeds = v15["mistral"].model.embed_tokens(torch.tensor(text_ids))
+        rows = [torch.cat([e[:image_at], f, e[image_at:]]) for e, f in zip(embeds, feats,
+                                                                           strict=True)]
+        return v15["mistral"](inputs_embeds=torch.stack(rows)).logits.numpy()
+
+
+def test_v15_import_logits_equal_the_reference(v15):
+    cfg, params = v15["cfg"], v15["params"]
+    assert (cfg.llm_type, cfg.image_size, cfg.vision_positions) == ("mistral", SIZE, N_IMG + 1)
+    assert (cfg.rope_theta, cfg.rms_eps, cfg.sliding_window, cfg.num_kv_heads) == (1e6, 1e-5,
+                                                                                  0, 2)
+    # LLaVA-Med v1's four tokens appended: [PAD] 32000, <im_patch> 32001, ...
+    assert (cfg.vocab_size, cfg.pad_token_id, cfg.image_token_id) == (VOCAB + 4, VOCAB,
+                                                                       VOCAB + 1)
+    assert hf.release_template(v15["dir"]) == "mistral_instruct"
+    rng = np.random.default_rng(0)
+    text = rng.integers(3, VOCAB, (2, 10))
+    image_at = 4
+    pix = rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    ref = _reference_logits(v15, text, image_at, pix)
+    ids = np.concatenate([text[:, :image_at], np.full((2, N_IMG), cfg.image_token_id),
+                          text[:, image_at:]], 1)
+    ours = jax.jit(LlavaModel(cfg).apply)({"params": params}, ids, pix.transpose(0, 2, 3, 1))
+    ours = np.asarray(ours)[..., :VOCAB]
+    assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-4
+
+
+def test_v15_unknown_tensors_are_refused(v15, tmp_path):
+    d = str(tmp_path / "with_extra")
+    _write_v15(d, v15["mistral"], v15["clip"], v15["projector"])
+    write_safetensors(os.path.join(d, "extra.safetensors"),
+                      [("model.graph_head.weight", (2, 2), np.dtype(np.float32))],
+                      lambda name: np.zeros((2, 2), np.float32))
+    index_path = os.path.join(d, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    index["weight_map"]["model.graph_head.weight"] = "extra.safetensors"
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(ValueError, match=r"model\.graph_head\.weight"):
+        hf.load_llava_med(d, vision_heads=4)
+
+
+def test_v15_export_loads_in_transformers_with_our_prompt_and_answers(v15):
+    cfg, params, tok = v15["cfg"], v15["params"], v15["tok"]
+    out = str(v15["root"] / "export")
+    image_config = ImageConfig(SIZE, "pad")
+    hf.save_llava(cfg, params, out)
+    save_processor(out, cfg, tok, template="mistral_instruct", image_first=True,
+                   use_im_start_end=False, image=image_config)
+    processor = AutoProcessor.from_pretrained(out)
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 56, 3), np.uint8))
+    question = "What abnormality is seen in the left lung?"
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": question}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True,
+                                           tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+
+    conv = ConversationTokenizer(tok, "mistral_instruct", cfg.num_image_tokens, False)
+    ids = conv.prompt_ids(question, True, image_first=True)
+    pixels = ImagePreprocessor(image_config)(image)
+    assert inputs["input_ids"][0].tolist() == ids.tolist()
+    np.testing.assert_allclose(inputs["pixel_values"][0].numpy().transpose(1, 2, 0), pixels,
+                               atol=1e-5)
+
+    steps = 8
+    with torch.no_grad():
+        theirs = model.generate(**inputs, max_new_tokens=steps, do_sample=False,
+                                eos_token_id=tok.eos_token_id, pad_token_id=cfg.pad_token_id)
+    theirs = theirs[0, len(ids):].tolist()
+    assert len(theirs) > 1
+    gen = GenerationConfig(max_new_tokens=steps, eos_token_ids=(tok.eos_token_id,),
+                           pad_token_id=cfg.pad_token_id)
+    ours = generate(cfg, params, ids[None], np.ones((1, len(ids)), np.int32), pixels[None],
+                    config=gen)
+    ours = np.asarray(ours.tokens)[0, :len(theirs)].tolist()
+    assert ours == theirs

@@ -50,3 +50,6 @@ def save_processor(out_dir: str, config: ModelConfig, tokenizer, *, template: st
         vision_feature_select_strategy=hf_config(config)["vision_feature_select_strategy"],
         num_additional_image_tokens=1 if config.vision_has_cls else 0)
     processor.save_pretrained(out_dir)
+    # transformers >= 5 nests the image processor in processor_config.json; older readers
+    # (and serving engines) look for preprocessor_config.json.
+    processor.image_processor.save_pretrained(out_dir)

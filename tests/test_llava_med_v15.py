@@ -178,3 +178,34 @@ def test_v15_export_loads_in_transformers_with_our_prompt_and_answers(v15):
                     config=gen)
     ours = np.asarray(ours.tokens)[0, :len(theirs)].tolist()
     assert ours == theirs
+
+
+def test_v15_preset_and_configs_match_the_release():
+    """The 7B preset equals what the loader reads from v1.5's published config keys, and
+    the two v1.5 configs use it with v1.5's prompt settings."""
+    import importlib.util
+
+    from exgra_jax.models import config as mc
+
+    release = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "rope_theta": 1e6, "sliding_window": None, "rms_norm_eps": 1e-5,
+               "vocab_size": 32000, "max_position_embeddings": 32768}
+    fields = mc.text_fields_from_hf(release)
+    fields["vocab_size"] += 4  # LLaVA-Med v1's tokens, appended on import
+    preset = mc.llava_med_v15_7b()
+    assert {k: getattr(preset, k) for k in fields} == fields
+    assert (preset.image_size, preset.patch_size, preset.num_image_tokens) == (336, 14, 576)
+    assert preset.vision_positions == 577
+    for name in ("stage2_from_llava_med_v15", "eval_llava_med_v15_vqa_rad"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(
+            os.path.dirname(__file__), "..", "configs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+        model = mc.ModelConfig.from_dict(c.model.to_dict())
+        assert model.replace(dtype="float32", param_dtype="float32", remat_policy="none") == \
+            preset
+        assert (c.data.template, c.data.mm_use_im_start_end, c.data.image_aspect,
+                c.eval.image_first, c.init.source) == ("mistral_instruct", False, "pad", True,
+                                                       "llava_med")

@@ -209,3 +209,40 @@ def test_v15_preset_and_configs_match_the_release():
         assert (c.data.template, c.data.mm_use_im_start_end, c.data.image_aspect,
                 c.eval.image_first, c.init.source) == ("mistral_instruct", False, "pad", True,
                                                        "llava_med")
+
+
+def test_exgra_med_release_with_dense_connector(tmp_path):
+    """ExGra-Med's release layout: LLaVA v1 (LlavaLlamaForCausalLM, CLIP-224 analogue, image
+    start/end tokens in the vocabulary) with a DCI projector and ExGra-Med's extra config
+    keys; the connector is read from ``mm_dense_connector_type``. Image features equal the
+    DCI rule applied to transformers' CLIP hidden states with the torch projector."""
+    llama = F.llama(seed=41, vocab_size=132)  # 128 + [PAD], <im_patch>, <im_start>, <im_end>
+    clip = F.clip_vision(seed=42)
+    torch.manual_seed(43)
+    width = clip.config.hidden_size
+    projector = torch.nn.Sequential(torch.nn.Linear(3 * width, 64), torch.nn.GELU(),
+                                    torch.nn.Linear(64, 64)).eval()
+    d = str(tmp_path / "exgra-med")
+    _write_v15(d, llama, clip, projector)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava", vocab_size=132,
+               rope_theta=10000.0, rms_norm_eps=1e-6, mm_use_im_start_end=True,
+               mm_vision_tower="openai/clip-vit-large-patch14", mm_dense_connector_type="dci",
+               num_l=6, contrastive=True, multi_graph=True, after_de=True, alpha=1.0)
+    for key in ("mm_use_im_patch_token", "sliding_window"):
+        cfg.pop(key)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+
+    loaded, params = hf.load_llava_med(d, vision_heads=4, image_token_id=129,
+                                       dci_ranges=((0, 2), (2, 4)))
+    assert (loaded.dense_connector, loaded.llm_type, loaded.vocab_size) == ("dci", "llama", 132)
+    assert hf.release_template(d) == "llava_v0"
+    pix = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        hs = clip(pixel_values=torch.tensor(pix), output_hidden_states=True).hidden_states
+        feats = torch.cat([hs[-2][:, 1:], torch.stack(hs[0:2]).mean(0)[:, 1:],
+                           torch.stack(hs[2:4]).mean(0)[:, 1:]], -1)
+        ref = projector(feats).numpy()
+    ours = jax.jit(lambda p, x: LlavaModel(loaded).apply(
+        {"params": p}, x, method=LlavaModel.encode_images))(params, pix.transpose(0, 2, 3, 1))
+    assert np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max() <= 1e-5

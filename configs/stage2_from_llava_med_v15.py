@@ -17,17 +17,22 @@ black-box lambda, frozen tower, optimizer, precision, mesh) is stage 2's; at 336
 example carries 2.25x the image tokens of the 224-px model.
 """
 
+import dataclasses
 import os
 
-from exgra_jax.train.defaults import base_config
+import ml_collections
+
+from exgra_jax.models import config as mc
+from exgra_jax.train.defaults import load_config_file
 
 
 def get_config(arg: str | None = None):
     root = arg or "data/llava_med"
-    c = base_config("llava_med_v15_7b", dtype="bfloat16", param_dtype="float32",
-                    remat_policy="full", scan_layers=True)
-    c.data.json_paths = (os.path.join(root, "llava_med_instruct_60k_inline_mention_long.json"),)
-    c.data.image_folder = os.path.join(root, "images")
+    # Stage 2's recipe (data, alignment, optimizer, precision, mesh), on v1.5's model.
+    c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                      "stage2_7b.py") + ":" + root)
+    c.model = ml_collections.ConfigDict(dataclasses.asdict(mc.llava_med_v15_7b(
+        dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_layers=True)))
     c.data.template = "mistral_instruct"
     c.data.mm_use_im_start_end = False
     c.data.image_aspect = "pad"
@@ -35,21 +40,4 @@ def get_config(arg: str | None = None):
     c.init.hf_dir = os.path.join(root, "llava-med-v1.5-mistral-7b")
     c.tokenizer = c.init.hf_dir
     c.eval.image_first = True  # LLaVA-Med v1.5's VQA prompt: "<image>\n{question}"
-
-    c.alignment.enabled = True
-    c.alignment.weight = 1.0
-    c.alignment.blackbox_lambda = 80.0
-    c.alignment.text_branch = "llm"
-    c.alignment.graph_scope = "global"
-    c.alignment.text_pack_fraction = 0.0  # one example per batch shard: nothing to pack
-
-    c.train.trainable = (r"^model/projector/", r"^model/llm/", r"^alignment/")
-    c.train.frozen = (r"^model/vision_tower/",)
-    c.train.lr = 2e-5
-    c.train.global_batch_size = 64
-    c.train.micro_batches = 1
-    c.train.num_epochs = 3.0
-    c.train.checkpoint_every = 500
-
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     return c

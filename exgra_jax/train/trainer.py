@@ -146,7 +146,8 @@ def initial_params(config, mcfg, init_fn, shardings):
     elif src == "llava_med":
         loaded_cfg, loaded = hf.load_llava_med(
             config.init.hf_dir, clip_dir=config.init.clip_dir or None,
-            image_token_id=mcfg.image_token_id, dense_connector=mcfg.dense_connector, **over)
+            image_token_id=mcfg.image_token_id, dense_connector=mcfg.dense_connector,
+            vision_heads=mcfg.vision_heads, **over)  # releases do not record the head count
     elif src == "clip_llama":
         loaded_cfg, loaded = hf.load_clip_llama(config.init.clip_dir, config.init.llama_dir,
                                                 vocab_size=mcfg.vocab_size,

@@ -38,39 +38,33 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(base + scale * torch.randn(p.shape, generator=g))
 
 
+def _random_model(model_cls, config, seed: int):
+    torch.manual_seed(seed)
+    m = model_cls(config).eval()
+    _randomize(m, seed)
+    return m
+
+
 def clip_vision(seed: int = 0, **overrides) -> CLIPVisionModel:
-    torch.manual_seed(seed)
-    m = CLIPVisionModel(CLIPVisionConfig(**{**VISION, **overrides})).eval()
-    _randomize(m, seed)
-    return m
-
-
-def llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    m = LlamaForCausalLM(LlamaConfig(**{**TEXT, **overrides})).eval()
-    _randomize(m, seed)
-    return m
+    return _random_model(CLIPVisionModel, CLIPVisionConfig(**{**VISION, **overrides}), seed)
 
 
 def siglip_vision(seed: int = 0, **overrides) -> SiglipVisionModel:
-    torch.manual_seed(seed)
-    m = SiglipVisionModel(SiglipVisionConfig(**{**SIGLIP, **overrides})).eval()
-    _randomize(m, seed)
-    return m
+    return _random_model(SiglipVisionModel, SiglipVisionConfig(**{**SIGLIP, **overrides}), seed)
+
+
+def llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    return _random_model(LlamaForCausalLM, LlamaConfig(**{**TEXT, **overrides}), seed)
 
 
 def mistral(seed: int = 0, **overrides) -> MistralForCausalLM:
-    torch.manual_seed(seed)
-    m = MistralForCausalLM(MistralConfig(**{**MISTRAL, **overrides})).eval()
-    _randomize(m, seed)
-    return m
+    return _random_model(MistralForCausalLM, MistralConfig(**{**MISTRAL, **overrides}), seed)
 
 
 def llava(seed: int = 0, vision=None, text=None, text_model: str = "llama",
           vision_model: str = "clip", **overrides) -> LlavaForConditionalGeneration:
     """A llava-hf model; ``text_model`` 'llama' | 'mistral', ``vision_model`` 'clip' | 'siglip'
     (SigLIP has no CLS token to drop: strategy 'full')."""
-    torch.manual_seed(seed)
     text_cls, text_base = {"llama": (LlamaConfig, TEXT),
                            "mistral": (MistralConfig, MISTRAL)}[text_model]
     vision_cls, vision_base = {"clip": (CLIPVisionConfig, VISION),
@@ -87,9 +81,7 @@ def llava(seed: int = 0, vision=None, text=None, text_model: str = "llama",
         vision_feature_layer=-2,
         **overrides,
     )
-    m = LlavaForConditionalGeneration(cfg).eval()
-    _randomize(m, seed)
-    return m
+    return _random_model(LlavaForConditionalGeneration, cfg, seed)
 
 
 def mistral_tokenizer_dir(out_dir: str) -> str:

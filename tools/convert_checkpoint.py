@@ -1,7 +1,9 @@
 """Convert between training workdirs and Hugging Face checkpoints.
 
-    # A trained workdir -> a llava-hf directory (LlavaForConditionalGeneration) + tokenizer
-    # (--step best: the best validation step kept by fine-tuning with eval.select_metric)
+    # A trained workdir -> a llava-hf directory (LlavaForConditionalGeneration) with the
+    # tokenizer, preprocessor_config.json and the chat template, so AutoProcessor +
+    # apply_chat_template build our prompts (--step best: the best validation step kept
+    # by fine-tuning with eval.select_metric)
     python tools/convert_checkpoint.py to-hf --workdir DIR [--step N|best] --out HF_DIR
 
     # Hugging Face weights -> a workdir that `launch/train.py` resumes from (step 0)
@@ -10,9 +12,11 @@
         [--clip-dir CLIP_DIR] [--llama-dir LLAMA_DIR]
 
 ``from-hf`` builds the run of the given training config with its weights taken from the
-Hugging Face checkpoint (llava-hf; the LLaVA-Med v1 / ExGra-Med release; or separate
-CLIPVisionModel + LlamaForCausalLM directories for stage 1), a fresh optimizer state and
-the alignment GNN initialised from the config's seed, and saves it as step 0.
+Hugging Face checkpoint (llava-hf; a LLaVA-Med release: v1 / ExGra-Med or v1.5
+``llava_mistral``; or separate CLIP/SigLIP + LLaMA/Mistral directories for stage 1), a
+fresh optimizer state and the alignment GNN initialised from the config's seed, and saves
+it as step 0. The run's config.json records the conversation template (a LLaVA-Med
+release's own template is checked against the config's).
 """
 
 from __future__ import annotations
@@ -57,24 +61,39 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
     params, step = restore_model_params(workdir, config, mesh, DEFAULT_RULES,
                                         BEST if best else step)
     save_llava(config, params, out, dtype=dtype)
-    tokenizer_dir = _tokenizer_of(workdir)
-    if tokenizer_dir:
-        from exgra_jax.data.tokenizer import load_tokenizer
-
-        load_tokenizer(tokenizer_dir).save_pretrained(out)
+    run_config = _run_config(workdir)
+    tokenizer_dir = run_config.get("tokenizer", "")
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        _save_processor(out, config, tokenizer_dir, run_config)
     else:
-        print(f"warning: {workdir}/config.json names no tokenizer; none written", file=sys.stderr)
+        print(f"warning: {workdir}/config.json names no tokenizer; no tokenizer or processor "
+              "written", file=sys.stderr)
     print(f"wrote {out} from {workdir} {'best ' if best else ''}step {step}")
     return out
 
 
-def _tokenizer_of(workdir: str) -> str:
+def _run_config(workdir: str) -> dict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return ""
+        return {}
     with open(path) as f:
-        tok = json.load(f).get("tokenizer", "")
-    return tok if tok and os.path.isdir(tok) else ""
+        return json.load(f)
+
+
+def _save_processor(out: str, config, tokenizer_dir: str, run_config: dict) -> None:
+    """Tokenizer, image processor and chat template as the run asks and evaluates."""
+    from exgra_jax.convert.processor import save_processor
+    from exgra_jax.data.image import ImageConfig
+    from exgra_jax.data.tokenizer import load_tokenizer
+    from exgra_jax.train.defaults import base_config
+
+    defaults = base_config().to_dict()
+    data = {**defaults["data"], **run_config.get("data", {})}
+    evaluation = {**defaults["eval"], **run_config.get("eval", {})}
+    save_processor(out, config, load_tokenizer(tokenizer_dir), template=data["template"],
+                   image_first=bool(evaluation["image_first"]),
+                   use_im_start_end=bool(data["mm_use_im_start_end"]),
+                   image=ImageConfig(config.image_size, data["image_aspect"]))
 
 
 def from_hf(args) -> str:
@@ -90,6 +109,14 @@ def from_hf(args) -> str:
     config.init.hf_dir = args.hf_dir or ""
     config.init.clip_dir = args.clip_dir or ""
     config.init.llama_dir = args.llama_dir or ""
+    if args.format == "llava-med":
+        from exgra_jax.convert.hf import release_template
+
+        recorded = release_template(args.hf_dir)
+        if config.data.template != recorded:
+            print(f"warning: {args.hf_dir} was trained with the {recorded!r} template, the "
+                  f"config uses {config.data.template!r} (--config.data.template)",
+                  file=sys.stderr)
     run = trainer.build(config, total_steps=max(int(config.train.total_steps), 1))
     state = trainer.init_train_state(run)
     ckpt = Checkpointer(os.path.join(args.out, "checkpoints"), async_save=False)

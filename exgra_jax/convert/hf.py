@@ -5,8 +5,11 @@
   ``transformers.LlavaForConditionalGeneration.from_pretrained`` loads
 - ``load_llava_med(hf_dir)``: the LLaVA-Med v1 / ExGra-Med release layout (LlavaLlamaForCausalLM)
   and LLaVA-Med v1.5 (``llava_mistral``, LlavaMistralForCausalLM)
-- ``load_clip_llama(clip_dir, llama_dir)``: separate CLIPVisionModel + LlamaForCausalLM
-  directories (the start of stage 1); the projector is freshly initialised.
+- ``load_clip_llama(clip_dir, llama_dir)``: separate CLIPVisionModel or SiglipVisionModel +
+  LlamaForCausalLM or MistralForCausalLM directories (the start of stage 1); the projector
+  is freshly initialised.
+
+Unknown tensors in a llava-hf or LLaVA-Med directory are refused by name, never dropped.
 
 Conversion runs tensor by tensor from memory-mapped files into preallocated arrays, so host
 memory stays near one copy of the model in the target dtype.
@@ -298,7 +301,8 @@ def _clip_source(clip_dir: str):
 
 def load_clip_llama(clip_dir: str, llama_dir: str, dtype: str = "float32",
                     projector_seed: int = 0, **overrides) -> tuple[mc.ModelConfig, dict]:
-    """Separate CLIPVisionModel + LlamaForCausalLM directories; a fresh random projector."""
+    """Separate vision (CLIP / SigLIP) + text (LLaMA / Mistral) directories; a fresh random
+    projector."""
     clip_cfg = _read_json(os.path.join(clip_dir, "config.json"))
     clip_cfg = clip_cfg.get("vision_config", clip_cfg)
     llama_cfg = _read_json(os.path.join(llama_dir, "config.json"))

@@ -45,22 +45,20 @@ TRANSFORMS = {
               lambda s: (s[3], s[2], s[0], s[1])),
 }
 
-CLIP_RULES = (
+_VIT_RULES = (
     Rule("vision_tower/patch_embed/kernel", "embeddings.patch_embedding.weight", "patch"),
-    Rule("vision_tower/class_embed", "embeddings.class_embedding"),
     Rule("vision_tower/pos_embed", "embeddings.position_embedding.weight"),
+    Rule("vision_tower/post_ln/scale", "post_layernorm.weight"),
+    Rule("vision_tower/post_ln/bias", "post_layernorm.bias"),
+)
+CLIP_RULES = (
+    *_VIT_RULES,
+    Rule("vision_tower/class_embed", "embeddings.class_embedding"),
     Rule("vision_tower/pre_ln/scale", "pre_layrnorm.weight"),
     Rule("vision_tower/pre_ln/bias", "pre_layrnorm.bias"),
-    Rule("vision_tower/post_ln/scale", "post_layernorm.weight"),
-    Rule("vision_tower/post_ln/bias", "post_layernorm.bias"),
 )
-SIGLIP_RULES = (
-    Rule("vision_tower/patch_embed/kernel", "embeddings.patch_embedding.weight", "patch"),
-    Rule("vision_tower/patch_embed/bias", "embeddings.patch_embedding.bias"),
-    Rule("vision_tower/pos_embed", "embeddings.position_embedding.weight"),
-    Rule("vision_tower/post_ln/scale", "post_layernorm.weight"),
-    Rule("vision_tower/post_ln/bias", "post_layernorm.bias"),
-)
+SIGLIP_RULES = (*_VIT_RULES, Rule("vision_tower/patch_embed/bias",
+                                  "embeddings.patch_embedding.bias"))
 # SigLIP and CLIP encoder layers carry the same tensor names.
 CLIP_LAYER_RULES = (
     Rule("vision_tower/layers_{i}/ln1/scale", "encoder.layers.{i}.layer_norm1.weight"),

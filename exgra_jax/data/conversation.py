@@ -151,6 +151,8 @@ def chat_template_jinja(template: str, image_text: str, image_first: bool) -> st
     As in `chat_prompt_text`: ``<image>`` is removed from user text, which is stripped; a
     conversation with an image (an image part anywhere, or ``<image>`` in user text) gets
     the image block on its first question, before it with ``image_first``, else after.
+    No BOS text: the tokenizer adds BOS, as for our prompts (a literal "<s>" would change
+    how a non-legacy sentencepiece tokenizer splits the first word).
     """
     t = get_template(template)
 
@@ -171,7 +173,7 @@ def chat_template_jinja(template: str, image_text: str, image_first: bool) -> st
         "{%- else -%}{%- for part in m['content'] if part['type'] == 'image' -%}"
         "{%- set ns.image = true -%}{%- endfor -%}{%- endif -%}"
         "{%- endfor -%}"
-        "{{ bos_token }}" + "{{ " + lit(t.header) + " }}"
+        "{{ " + lit(t.header) + " }}"
         "{%- for m in messages -%}"
         "{%- set text = text_of(m['content']) -%}"
         "{%- if m['role'] == 'user' -%}"

@@ -8,9 +8,9 @@ Terminal commands: ``/image PATH`` (a new image; starts a new conversation), ``/
 ``/quit`` (or end of input). The whole conversation is kept in the model's conversation
 template (``config.data.template`` unless ``--template``), built by the same function as
 evaluation prompts (the image tokens placed by ``config.eval.image_first``); each answer
-is generated after the template's assistant prefix and cut at its stop string. When the history outgrows the
-model's context, the oldest exchanges are dropped (the image stays with the first kept
-question).
+is generated after the template's assistant prefix and cut at its stop string. When the
+history outgrows the model's context, the oldest exchanges are dropped (the image stays
+with the first kept question).
 """
 
 from __future__ import annotations

@@ -222,6 +222,17 @@ def llava_med_7b(**overrides: Any) -> ModelConfig:
     return ModelConfig(**overrides)
 
 
+def llava_med_v15_7b(**overrides: Any) -> ModelConfig:
+    """LLaVA-Med v1.5 (llava_mistral): CLIP ViT-L/14 at 336 px (576 image tokens),
+    mlp2x_gelu, Mistral-7B (GQA 32/8 heads, MLP 14336, rope_theta 1e6, RMS eps 1e-5, no
+    sliding window), its 32000-token vocabulary plus LLaVA-Med v1's four tokens (as
+    `convert.hf.load_llava_med` appends them)."""
+    base = dict(image_size=336, llm_type="mistral", mlp_size=14336, num_kv_heads=8,
+                rope_theta=1e6, rms_eps=1e-5, max_positions=32768, sliding_window=0)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
 def tiny(**overrides: Any) -> ModelConfig:
     """A few-thousand-parameter model for tests: every code path, small shapes."""
     base = dict(
@@ -249,7 +260,7 @@ def tiny(**overrides: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
-PRESETS = {"tiny": tiny, "llava_med_7b": llava_med_7b}
+PRESETS = {"tiny": tiny, "llava_med_7b": llava_med_7b, "llava_med_v15_7b": llava_med_v15_7b}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

@@ -170,7 +170,8 @@ def hf_model_params(config, mcfg: ModelConfig) -> dict:
     elif src == "llava_med":
         _, loaded = hf.load_llava_med(
             config.init.hf_dir, arrays, clip_dir=config.init.clip_dir or None,
-            image_token_id=mcfg.image_token_id, dense_connector=mcfg.dense_connector, **over)
+            image_token_id=mcfg.image_token_id, dense_connector=mcfg.dense_connector,
+            vision_heads=mcfg.vision_heads, **over)  # releases do not record the head count
     elif src == "clip_llama":
         _, loaded = hf.load_clip_llama(config.init.clip_dir, config.init.llama_dir, arrays,
                                        vocab_size=mcfg.vocab_size,

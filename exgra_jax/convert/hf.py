@@ -176,8 +176,11 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def load_llava(hf_dir: str, dtype: str = "float32", **overrides) -> tuple[mc.ModelConfig, dict]:
-    """Read a llava-hf directory (config.json + safetensors) -> (ModelConfig, params)."""
+def load_llava(hf_dir: str, array_dtype: str = "float32",
+               **overrides) -> tuple[mc.ModelConfig, dict]:
+    """Read a llava-hf directory (config.json + safetensors) -> (ModelConfig, params).
+    ``array_dtype`` is the dtype the arrays are read in (the master-weight dtype);
+    ``overrides`` set ModelConfig fields, e.g. the compute ``dtype``."""
     cfg_dict = _read_json(os.path.join(hf_dir, "config.json"))
     if "text_config" not in cfg_dict:
         raise ValueError(
@@ -188,7 +191,8 @@ def load_llava(hf_dir: str, dtype: str = "float32", **overrides) -> tuple[mc.Mod
     reader = CheckpointReader(hf_dir)
     layout = detect_layout(reader, ("llava_hf", "llava_hf_v5_saved", "llava_hf_v5"))
     refuse_unknown_tensors(config, reader, [layout])
-    return config, fill_params(config, [(reader, layout, ("vision", "projector", "llm"))], dtype)
+    return config, fill_params(config, [(reader, layout, ("vision", "projector", "llm"))],
+                               array_dtype)
 
 
 # LLaVA-Med v1 names the vision tower but does not embed its config; these are the facts
@@ -232,7 +236,7 @@ def _release_text_model(cfg: dict, hf_dir: str) -> str:
     return RELEASE_TEXT_MODELS[kind]
 
 
-def load_llava_med(hf_dir: str, dtype: str = "float32", clip_dir: str | None = None,
+def load_llava_med(hf_dir: str, array_dtype: str = "float32", clip_dir: str | None = None,
                    **overrides) -> tuple[mc.ModelConfig, dict]:
     """A LLaVA-Med release directory -> (ModelConfig, params).
 
@@ -291,7 +295,7 @@ def load_llava_med(hf_dir: str, dtype: str = "float32", clip_dir: str | None = N
             "CLIP-width projector needs dense_connector='dci' or 'sci'"
         )
     refuse_unknown_tensors(config, reader, [layout])
-    return config, fill_params(config, sources, dtype, grow_vocab=grow)
+    return config, fill_params(config, sources, array_dtype, grow_vocab=grow)
 
 
 def _clip_source(clip_dir: str):
@@ -299,7 +303,7 @@ def _clip_source(clip_dir: str):
     return reader, detect_layout(reader, ("clip", "clip_v5")), ("vision",)
 
 
-def load_clip_llama(clip_dir: str, llama_dir: str, dtype: str = "float32",
+def load_clip_llama(clip_dir: str, llama_dir: str, array_dtype: str = "float32",
                     projector_seed: int = 0, **overrides) -> tuple[mc.ModelConfig, dict]:
     """Separate vision (CLIP / SigLIP) + text (LLaMA / Mistral) directories; a fresh random
     projector."""
@@ -323,7 +327,7 @@ def load_clip_llama(clip_dir: str, llama_dir: str, dtype: str = "float32",
     proj = nn.unbox(Projector(config).init(jax.random.key(projector_seed), dummy)["params"])
     projector = {f"projector/{k}": v for k, v in flatten(proj).items()}
     sources = [_clip_source(clip_dir), (CheckpointReader(llama_dir), LAYOUTS["llama"], ("llm",))]
-    return config, fill_params(config, sources, dtype, init_missing=projector,
+    return config, fill_params(config, sources, array_dtype, init_missing=projector,
                                grow_vocab=True)
 
 

@@ -155,10 +155,9 @@ def load_for_eval(config, *, workdir: str | None = None, hf_dir: str | None = No
         from exgra_jax.convert.hf import load_llava  # noqa: PLC0415
 
         base = _model_config(config)
-        # `dtype` here is the dtype of the loaded arrays; the compute dtype is set after.
-        mcfg, host_params = load_llava(hf_dir, dtype=base.param_dtype,
+        mcfg, host_params = load_llava(hf_dir, array_dtype=base.param_dtype, dtype=base.dtype,
+                                       param_dtype=base.param_dtype,
                                        scan_layers=base.scan_layers, remat_policy="none")
-        mcfg = mcfg.replace(dtype=base.dtype, param_dtype=base.param_dtype)
         params = shard_params(mcfg, jax.tree.map(np.asarray, host_params), mesh, rules)
         has_tok = any(paths.exists(paths.join(hf_dir, f)) for f in _TOKENIZER_FILES)
         tokenizer = _load_tokenizer(hf_dir if has_tok else config.tokenizer, mcfg)

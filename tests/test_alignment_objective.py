@@ -55,11 +55,17 @@ def test_config_and_shapes_are_checked():
         AlignmentConfig(graph_size=5)
 
 
-@pytest.mark.parametrize("message_flow", ["original", "forward"])
-def test_matches_pytorch_peer_loss_and_gradients(message_flow):
-    """Our loss and input gradients equal the original-structured PyTorch version."""
+@pytest.mark.parametrize("solver,message_flow,loss_scale", [
+    ("lap", "original", 1.0), ("lap", "forward", 1.0), ("lap", "original", 256.0),
+    ("ipfp", "original", 1.0)])
+def test_matches_pytorch_peer_loss_and_gradients(solver, message_flow, loss_scale):
+    """Our loss and input gradients equal the original-structured PyTorch version (with
+    "ipfp": edge-pair costs and a NumPy IPFP in its autograd Function); with
+    emulated_loss_scale=S, those of the peer's loss scaled by S and its gradients
+    unscaled, as fp16 loss scaling does (the solver backward does not grow with S)."""
     n, d = 12, 16
-    cfg = AlignmentConfig(k=3, message_flow=message_flow, graph_scope="global", solver="lap")
+    cfg = AlignmentConfig(k=3, message_flow=message_flow, graph_scope="global", solver=solver,
+                          emulated_loss_scale=loss_scale)
     mod = MultiGraphAlignment(cfg)
     feats = _inputs(n, d, seed=3)
     params = mod.init(jax.random.key(1), *feats, deterministic=True)
@@ -73,15 +79,17 @@ def test_matches_pytorch_peer_loss_and_gradients(message_flow):
     weights = [tuple(np.asarray(gnn[f"conv{i}"][w]) for w in ("root_kernel", "rel_kernel", "bias"))
                for i in range(cfg.gnn_layers)]
     peer, _ = _peer_module().make_torch_peer(weights, k=cfg.k, lam=cfg.blackbox_lambda,
-                                            message_flow=message_flow)
+                                            message_flow=message_flow, solver=solver,
+                                            ipfp_iters=cfg.ipfp_iters)
     xs = [torch.tensor(np.asarray(f), dtype=torch.float64, requires_grad=True) for f in feats]
     for conv in _:
         conv.double()
     ref = peer(*xs)
-    ref.backward()
+    (ref * loss_scale).backward()
     np.testing.assert_allclose(float(value), ref.item(), rtol=1e-6)
     for ours, x in zip(grads, xs):
-        np.testing.assert_allclose(np.asarray(ours), x.grad.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ours), x.grad.numpy() / loss_scale, rtol=1e-4,
+                                   atol=1e-6 / loss_scale)
     assert any(float(jnp.abs(g).sum()) > 0 for g in grads)
 
 

@@ -44,6 +44,10 @@ class AlignmentConfig:
     ipfp_iters: int = 10  # chosen by measurement (docs/fidelity.md)
     estimator: str = "blackbox"  # "blackbox" | "imle"
     blackbox_lambda: float = 80.0  # also I-MLE's lambda
+    # The original trained in fp16 with dynamic loss scaling S: its solver backward does
+    # not grow with S, so after unscaling the whole alignment gradient is that of lambda*S
+    # (~1/S of nominal). S here reproduces that run (docs/fidelity.md); 1: as written.
+    emulated_loss_scale: float = 1.0
     imle_samples: int = 4
     imle_temperature: float = 0.05
     gumbel_scale: float = 0.05  # Gumbel(0, scale) cost noise in training; 0 turns it off
@@ -69,6 +73,9 @@ class AlignmentConfig:
                              f"k={self.k}: kNN needs more than k samples per graph")
         if self.k < 1 or self.gnn_layers < 1 or self.ipfp_iters < 0 or self.imle_samples < 1:
             raise ValueError(f"AlignmentConfig has a non-positive count: {self}")
+        if self.emulated_loss_scale < 1:
+            raise ValueError(f"AlignmentConfig.emulated_loss_scale must be >= 1, got "
+                             f"{self.emulated_loss_scale}")
         if not 0.0 <= self.dropout < 1.0 or self.gumbel_scale < 0:
             raise ValueError(f"AlignmentConfig dropout/gumbel_scale out of range: {self}")
 
@@ -211,16 +218,19 @@ class MultiGraphAlignment(nn.Module):
                 quad = quad + cfg.gumbel_scale * jax.random.gumbel(k_edge, quad.shape)
             quad = -0.5 * (quad - offset)
 
+        # Readable with apply(..., mutable="intermediates") (tools/experiments/matcher_quality.py).
+        self.sow("intermediates", "costs", (unary, quad, nbr))
         solve = _make_solver(cfg)
+        lam = cfg.blackbox_lambda * cfg.emulated_loss_scale
         if cfg.estimator == "imle" and noisy:
             matcher = estimators.imle(
-                solve, cfg.blackbox_lambda, cfg.imle_samples, cfg.imle_temperature
+                solve, lam, cfg.imle_samples, cfg.imle_temperature
             )
             keys = jax.random.split(k_est, groups * 6).reshape(groups, 6)
             y = jax.vmap(jax.vmap(matcher))(unary, quad, nbr, nbr, keys)
         else:
             # Deterministic runs solve the noise-free problem (black-box gradient).
-            matcher = estimators.blackbox(solve, cfg.blackbox_lambda)
+            matcher = estimators.blackbox(solve, lam)
             y = jax.vmap(jax.vmap(matcher))(unary, quad, nbr, nbr)
 
         ham = hamming_to_identity(y)  # [G, 6]

@@ -2,11 +2,12 @@
 
 import ast
 import dataclasses
+import importlib.util
 import pathlib
 import re
 
 from exgra_jax.alignment.objective import AlignmentConfig
-from exgra_jax.train.defaults import base_config, load_config_file
+from exgra_jax.train.defaults import base_config
 
 ROOT = pathlib.Path(__file__).parents[1]
 _ROW = re.compile(r"^\| `alignment\.(\w+)` \| `([^`]+)` \|", re.MULTILINE)
@@ -32,7 +33,10 @@ def test_every_objective_setting_is_documented_with_its_default():
 
 
 def test_stage2_config_ships_the_documented_alignment_settings():
-    c = load_config_file(str(ROOT / "configs" / "stage2_7b.py"))
+    spec = importlib.util.spec_from_file_location("stage2_7b", ROOT / "configs" / "stage2_7b.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
     assert c.alignment.enabled
     for name, value in documented_defaults().items():
         assert c.alignment[name] == value, f"stage2_7b.py alignment.{name}"

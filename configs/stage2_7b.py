@@ -13,11 +13,11 @@ Data-efficiency runs: ``--config.data.fraction=0.1``.
 Loss: cross-entropy + 1.0 x alignment (black-box lambda 80, the quadratic matcher); the
 response and caption branches run through the LLM. bf16 compute, fp32 master weights and
 Adam moments, full remat of each decoder layer. The alignment settings are the defaults,
-which reproduce the original (docs/fidelity.md): one graph per 16 contiguous samples (4
-graphs per batch of 64, as the original's one graph per GPU), on any mesh. Fits a v5e-64 slice (16 GiB
-per chip) as shipped: fsdp=64, one example per chip, 5.3 GiB peak per chip in the AOT
-compile (docs/aot_compile.md). The batch must split over data x fsdp, so on more than 64
-chips keep 64 batch shards, e.g. v5e-256 with ``--config.mesh.tensor=4``.
+which reproduce the original (docs/fidelity.md): one graph per 16 contiguous samples, 4
+graphs per batch of 64 as the original's one graph per GPU, on any mesh. Fits a v5e-64
+slice (16 GiB per chip) as shipped: fsdp=64, one example per chip, 5.3 GiB peak per chip
+in the AOT compile (docs/aot_compile.md). The batch must split over data x fsdp, so on
+more than 64 chips keep 64 batch shards, e.g. v5e-256 with ``--config.mesh.tensor=4``.
 """
 
 import os

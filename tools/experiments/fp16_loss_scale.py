@@ -27,22 +27,11 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 
+import _peer  # tools/experiments/_peer.py
 import numpy as np
 import torch
-
-_PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     "benchmarks", "alignment.py")
-
-
-def _peer_module():
-    spec = importlib.util.spec_from_file_location("alignment_bench", _PEER)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class Shared(torch.nn.Module):
@@ -97,7 +86,7 @@ def trial(seed: int, n: int, scales, lam: float, d: int = 32) -> list[dict]:
     model = Shared(d=d)
     weights = [(rng.uniform(-d ** -0.5, d ** -0.5, (d, d)), rng.uniform(-d ** -0.5, d ** -0.5, (d, d)),
                 np.zeros(d)) for _ in range(2)]
-    peer_mod = _peer_module()
+    peer_mod = _peer.load()
     topic = torch.randn(n, 24)  # the three views of a sample share a topic
     batch = (topic + 0.5 * torch.randn(n, 24),
              torch.randint(0, 64, (n, 12)), torch.randint(0, 64, (n, 20)),

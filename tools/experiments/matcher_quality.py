@@ -20,27 +20,15 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
-import os
 import time
 
+import _peer  # tools/experiments/_peer.py
 import numpy as np
 
+
 # ----------------------------------------------------------------- independent reference
-_PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     "benchmarks", "alignment.py")
-
-
-def _peer_module():
-    """The NumPy matcher of the PyTorch peer (tools/benchmarks/alignment.py)."""
-    spec = importlib.util.spec_from_file_location("alignment_bench", _PEER)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def brute_force(unary, quad, e1, e2):
     """Minimum energy over every partial matching (col_for_row with -1 for unmatched)."""
     n = unary.shape[0]
@@ -96,7 +84,7 @@ def study(n, draws, iters_list, restarts, solve):
     import jax
     import jax.numpy as jnp
 
-    peer = _peer_module()
+    peer = _peer.load()
     energy, partial_lap = peer.quadratic_energy, peer.partial_lap
     gaps = {it: [] for it in iters_list}
     above_lap = {it: 0 for it in iters_list}

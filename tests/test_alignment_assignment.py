@@ -180,3 +180,38 @@ def test_ipfp_never_worse_than_lap_and_finds_brute_force_optimum():
     rate = hits / trials
     print(f"IPFP found the brute-force optimum in {hits}/{trials} = {rate:.0%} of instances")
     assert rate >= 0.6
+
+
+@pytest.mark.slow
+def test_ipfp_on_the_objectives_costs_never_above_lap_and_as_numpy_ipfp():
+    """On the costs of a training step of the objective (n = 16, k = 5, noise and
+    dropout on), the six IPFP matchings are never above their LAP start, and their
+    energies are those of an independent NumPy IPFP (float64, scipy LAP)."""
+    import importlib.util
+    import pathlib
+
+    from exgra_jax.alignment.objective import AlignmentConfig, MultiGraphAlignment
+
+    path = pathlib.Path(__file__).parents[1] / "tools" / "benchmarks" / "alignment.py"
+    spec = importlib.util.spec_from_file_location("alignment_bench", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+
+    n, d = 16, 32
+    keys = jax.random.split(jax.random.key(7), 7)
+    topic = jax.random.normal(keys[0], (n, d))
+    feats = [topic + 0.7 * jax.random.normal(k, (n, d)) for k in keys[1:4]]
+    mod = MultiGraphAlignment(AlignmentConfig(solver="ipfp", graph_scope="global"))
+    params = mod.init(keys[4], *feats, deterministic=True)
+    _, state = mod.apply(params, *feats, deterministic=False, mutable="intermediates",
+                         rngs={"gumbel": keys[5], "dropout": keys[6]})
+    unary, quad, nbr = state["intermediates"]["costs"][0]
+    solve = jax.jit(jax.vmap(lambda u, q, a: assignment.ipfp_matrix(u, q, a, a, num_iters=10)))
+    ours = np.asarray(solve(unary[0], quad[0], nbr[0]), np.float64)
+    for p in range(6):
+        u, q = np.asarray(unary[0, p], np.float64), np.asarray(quad[0, p], np.float64)
+        e = peer.edge_lists(np.asarray(nbr[0, p]))
+        e_ours = peer.quadratic_energy(ours[p], u, q, e, e)
+        e_lap = peer.quadratic_energy(peer.partial_lap(u), u, q, e, e)
+        assert e_ours <= e_lap + 1e-5 * abs(e_lap)
+        np.testing.assert_allclose(e_ours, peer.numpy_ipfp(u, q, e, e, 10)[1], rtol=1e-5)

@@ -45,16 +45,27 @@ def test_masked_mean():
 def test_config_and_shapes_are_checked():
     with pytest.raises(ValueError, match="solver"):
         AlignmentConfig(solver="lpmp")
-    mod = MultiGraphAlignment(AlignmentConfig(), num_groups=3)
+    mod = MultiGraphAlignment(AlignmentConfig(graph_scope="device"), num_groups=3)
     with pytest.raises(ValueError, match="equal groups"):
         mod.init(jax.random.key(0), *_inputs(16, 8), deterministic=True)
+    with pytest.raises(ValueError, match="graph_size=16 must divide the .* 24 samples"):
+        MultiGraphAlignment(AlignmentConfig()).init(
+            jax.random.key(0), *_inputs(24, 8), deterministic=True)
+    with pytest.raises(ValueError, match="graph_size=5 must exceed k=5"):
+        AlignmentConfig(graph_size=5)
 
 
-@pytest.mark.parametrize("message_flow", ["original", "forward"])
-def test_matches_pytorch_peer_loss_and_gradients(message_flow):
-    """Our loss and input gradients equal the original-structured PyTorch version."""
+@pytest.mark.parametrize("solver,message_flow,loss_scale", [
+    ("lap", "original", 1.0), ("lap", "forward", 1.0), ("lap", "original", 256.0),
+    ("ipfp", "original", 1.0)])
+def test_matches_pytorch_peer_loss_and_gradients(solver, message_flow, loss_scale):
+    """Our loss and input gradients equal the original-structured PyTorch version (with
+    "ipfp": edge-pair costs and a NumPy IPFP in its autograd Function); with
+    emulated_loss_scale=S, those of the peer's loss scaled by S and its gradients
+    unscaled, as fp16 loss scaling does (the solver backward does not grow with S)."""
     n, d = 12, 16
-    cfg = AlignmentConfig(k=3, message_flow=message_flow, graph_scope="global")
+    cfg = AlignmentConfig(k=3, message_flow=message_flow, graph_scope="global", solver=solver,
+                          emulated_loss_scale=loss_scale)
     mod = MultiGraphAlignment(cfg)
     feats = _inputs(n, d, seed=3)
     params = mod.init(jax.random.key(1), *feats, deterministic=True)
@@ -68,15 +79,17 @@ def test_matches_pytorch_peer_loss_and_gradients(message_flow):
     weights = [tuple(np.asarray(gnn[f"conv{i}"][w]) for w in ("root_kernel", "rel_kernel", "bias"))
                for i in range(cfg.gnn_layers)]
     peer, _ = _peer_module().make_torch_peer(weights, k=cfg.k, lam=cfg.blackbox_lambda,
-                                            message_flow=message_flow)
+                                            message_flow=message_flow, solver=solver,
+                                            ipfp_iters=cfg.ipfp_iters)
     xs = [torch.tensor(np.asarray(f), dtype=torch.float64, requires_grad=True) for f in feats]
     for conv in _:
         conv.double()
     ref = peer(*xs)
-    ref.backward()
+    (ref * loss_scale).backward()
     np.testing.assert_allclose(float(value), ref.item(), rtol=1e-6)
     for ours, x in zip(grads, xs):
-        np.testing.assert_allclose(np.asarray(ours), x.grad.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ours), x.grad.numpy() / loss_scale, rtol=1e-4,
+                                   atol=1e-6 / loss_scale)
     assert any(float(jnp.abs(g).sum()) > 0 for g in grads)
 
 
@@ -86,10 +99,12 @@ def _mesh():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scope", ["device", "global"])
+@pytest.mark.parametrize("scope", ["fixed", "device", "global"])
 def test_sharded_value_and_grad_equals_single_device(scope):
+    """One device and an 8-device mesh give the same loss and gradients; with "fixed"
+    the 4 graphs of 12 straddle the 8 shards of 6 samples."""
     n, d = 48, 16
-    cfg = AlignmentConfig(k=3, graph_scope=scope, solver="ipfp", ipfp_iters=3)
+    cfg = AlignmentConfig(k=3, graph_scope=scope, graph_size=12, solver="ipfp", ipfp_iters=3)
     mod = MultiGraphAlignment(cfg, num_groups=8)
     feats = _inputs(n, d, seed=5)
     params = mod.init(jax.random.key(2), *feats, deterministic=True)
@@ -117,17 +132,20 @@ def test_sharded_value_and_grad_equals_single_device(scope):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def test_device_scope_is_the_mean_of_per_group_graphs():
+@pytest.mark.parametrize("scope", ["fixed", "device"])
+def test_grouped_scopes_are_the_mean_of_per_group_graphs(scope):
+    """Groups of 8: by graph_size ("fixed", whatever num_groups says) or by shards."""
     # d large enough that ReLU leaves no all-zero GNN outputs: their exact cost ties
     # would let float rounding pick between equally good matchings.
     n, d, groups = 32, 32, 4
-    cfg = AlignmentConfig(k=3, graph_scope="device")
+    cfg = AlignmentConfig(k=3, graph_scope=scope, graph_size=8, solver="lap")
     feats = _inputs(n, d, seed=6)
-    grouped = MultiGraphAlignment(cfg, num_groups=groups)
+    grouped = MultiGraphAlignment(cfg, num_groups=groups if scope == "device" else 2)
     params = grouped.init(jax.random.key(0), *feats, deterministic=True)
     whole = float(grouped.apply(params, *feats, deterministic=True)[0])
-    one = jax.jit(lambda *xs: MultiGraphAlignment(cfg).apply(params, *xs, deterministic=True)[0])
+    one_cfg = AlignmentConfig(k=3, graph_scope="global", solver="lap")
+    one = jax.jit(lambda *xs: MultiGraphAlignment(one_cfg).apply(
+        params, *xs, deterministic=True)[0])
     parts = [float(one(*(f[g * 8:(g + 1) * 8] for f in feats))) for g in range(groups)]
     np.testing.assert_allclose(whole, np.mean(parts), rtol=1e-6)
-    glob = MultiGraphAlignment(AlignmentConfig(k=3, graph_scope="global"), num_groups=groups)
-    assert float(glob.apply(params, *feats, deterministic=True)[0]) != pytest.approx(whole)
+    assert float(one(*feats)) != pytest.approx(whole)

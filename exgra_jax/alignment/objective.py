@@ -25,7 +25,7 @@ from exgra_jax.alignment import assignment, estimators, graph
 
 SOLVERS = ("lap", "ipfp")
 ESTIMATORS = ("blackbox", "imle")
-GRAPH_SCOPES = ("device", "global")
+GRAPH_SCOPES = ("fixed", "device", "global")
 MODALITIES = ("image", "response", "caption")
 
 
@@ -38,16 +38,26 @@ class AlignmentConfig:
     # ExGra-Med (node j aggregates the nodes that have j among their k nearest);
     # "forward": node i aggregates its own k nearest.
     message_flow: str = "original"
-    solver: str = "lap"  # "lap" (unary costs only) | "ipfp" (unary + quadratic)
-    ipfp_iters: int = 10
+    # "ipfp": the quadratic partial matching (unary + edge-pair costs) the original
+    # solves with LPMP; "lap": unary costs only, a cheaper approximation.
+    solver: str = "ipfp"
+    ipfp_iters: int = 10  # chosen by measurement (docs/fidelity.md)
     estimator: str = "blackbox"  # "blackbox" | "imle"
     blackbox_lambda: float = 80.0  # also I-MLE's lambda
+    # The original trained in fp16 with dynamic loss scaling S: its solver backward does
+    # not grow with S, so after unscaling the whole alignment gradient is that of lambda*S
+    # (~1/S of nominal). S here reproduces that run (docs/fidelity.md); 1: as written.
+    emulated_loss_scale: float = 1.0
     imle_samples: int = 4
     imle_temperature: float = 0.05
     gumbel_scale: float = 0.05  # Gumbel(0, scale) cost noise in training; 0 turns it off
     unmatched_offset: float = 0.5  # the -0.5 in the costs; a pair pays off only above it
     partial_matching: bool = True  # nodes may stay unmatched at cost 0 (LPMP's model)
-    graph_scope: str = "device"  # "device" (one graph per batch shard) | "global"
+    # "fixed": contiguous groups of graph_size samples, one graph each, on any mesh (the
+    # original: one graph per GPU's batch of 16); "device": one graph per batch shard;
+    # "global": one graph over the whole (micro-)batch.
+    graph_scope: str = "fixed"
+    graph_size: int = 16
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -58,10 +68,37 @@ class AlignmentConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"AlignmentConfig.{name} must be one of {allowed}, got {value!r}")
+        if self.graph_size <= self.k:
+            raise ValueError(f"AlignmentConfig.graph_size={self.graph_size} must exceed "
+                             f"k={self.k}: kNN needs more than k samples per graph")
         if self.k < 1 or self.gnn_layers < 1 or self.ipfp_iters < 0 or self.imle_samples < 1:
             raise ValueError(f"AlignmentConfig has a non-positive count: {self}")
+        if self.emulated_loss_scale < 1:
+            raise ValueError(f"AlignmentConfig.emulated_loss_scale must be >= 1, got "
+                             f"{self.emulated_loss_scale}")
         if not 0.0 <= self.dropout < 1.0 or self.gumbel_scale < 0:
             raise ValueError(f"AlignmentConfig dropout/gumbel_scale out of range: {self}")
+
+
+def graph_count(config: AlignmentConfig, n: int, num_shards: int = 1) -> int:
+    """How many contiguous graphs n samples form; a clear error when they cannot."""
+    if config.graph_scope == "fixed":
+        if n % config.graph_size:
+            raise ValueError(
+                f"alignment.graph_size={config.graph_size} must divide the (micro-)batch of "
+                f"{n} samples: change alignment.graph_size or the batch size")
+        groups = n // config.graph_size
+    else:
+        groups = num_shards if config.graph_scope == "device" else 1
+        if groups < 1 or n % groups:
+            raise ValueError(f"{n} samples do not split into {groups} equal groups (batch "
+                             f"shards); change the batch or alignment.graph_scope")
+    if n // groups <= config.k:
+        raise ValueError(
+            f"alignment graphs get {n // groups} samples but kNN needs more than "
+            f"k={config.k}: raise the batch, lower alignment.k, or use "
+            "alignment.graph_scope='global' or 'fixed' with a larger graph_size")
+    return groups
 
 
 def masked_mean(x_btd: jax.Array, mask_bt: jax.Array, *, include_padding: bool = False):
@@ -121,14 +158,15 @@ _MATCH_TOPOLOGY = np.array([0, 3, 1, 3, 2, 3])
 class MultiGraphAlignment(nn.Module):
     """The alignment loss; its params are the shared GNN (d -> d).
 
-    graph_scope="device": the n samples are split into num_groups contiguous groups
-    (one per batch shard) and each group is matched on its own, vmapped; "global":
-    one graph over all n (under a sharded jit, GSPMD gathers the vectors).
+    The n samples are split into contiguous groups (`graph_count`: of graph_size
+    samples, or one per batch shard, num_groups of them, or one over all n) and each
+    group is matched on its own, vmapped. Under a sharded jit GSPMD moves the vectors,
+    so "fixed" and "global" give the same graphs on every mesh.
     RNG streams: "gumbel" (cost noise) and "dropout", both unused when deterministic.
     """
 
     config: AlignmentConfig
-    num_groups: int = 1
+    num_groups: int = 1  # batch shards, for graph_scope="device"
 
     @nn.compact
     def __call__(self, image_nd, response_nd, caption_nd, *, deterministic: bool):
@@ -137,12 +175,8 @@ class MultiGraphAlignment(nn.Module):
         if len(shapes) != 1 or image_nd.ndim != 2:
             raise ValueError(f"the three modalities must share one [n, d] shape, got {shapes}")
         n, d = image_nd.shape
-        groups = self.num_groups if cfg.graph_scope == "device" else 1
-        if groups < 1 or n % groups:
-            raise ValueError(f"{n} samples do not split into num_groups={groups} equal groups")
+        groups = graph_count(cfg, n, self.num_groups)
         m = n // groups
-        if not cfg.k < m:
-            raise ValueError(f"kNN with k={cfg.k} needs more than {cfg.k} samples per graph, got {m}")
 
         mods = [x.astype(jnp.float32) for x in (image_nd, response_nd, caption_nd)]
         bary = (mods[0] + mods[1] + mods[2]) / 3.0
@@ -184,16 +218,19 @@ class MultiGraphAlignment(nn.Module):
                 quad = quad + cfg.gumbel_scale * jax.random.gumbel(k_edge, quad.shape)
             quad = -0.5 * (quad - offset)
 
+        # Readable with apply(..., mutable="intermediates") (tools/experiments/matcher_quality.py).
+        self.sow("intermediates", "costs", (unary, quad, nbr))
         solve = _make_solver(cfg)
+        lam = cfg.blackbox_lambda * cfg.emulated_loss_scale
         if cfg.estimator == "imle" and noisy:
             matcher = estimators.imle(
-                solve, cfg.blackbox_lambda, cfg.imle_samples, cfg.imle_temperature
+                solve, lam, cfg.imle_samples, cfg.imle_temperature
             )
             keys = jax.random.split(k_est, groups * 6).reshape(groups, 6)
             y = jax.vmap(jax.vmap(matcher))(unary, quad, nbr, nbr, keys)
         else:
             # Deterministic runs solve the noise-free problem (black-box gradient).
-            matcher = estimators.blackbox(solve, cfg.blackbox_lambda)
+            matcher = estimators.blackbox(solve, lam)
             y = jax.vmap(jax.vmap(matcher))(unary, quad, nbr, nbr)
 
         ham = hamming_to_identity(y)  # [G, 6]

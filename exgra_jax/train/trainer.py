@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from exgra_jax import parallel, paths
-from exgra_jax.alignment.objective import AlignmentConfig, MultiGraphAlignment
+from exgra_jax.alignment.objective import AlignmentConfig, MultiGraphAlignment, graph_count
 from exgra_jax.checkpoint import Checkpointer, param_shapes
 from exgra_jax.config_paths import (
     absolutize_config_paths,
@@ -96,14 +96,7 @@ def validate(config, mcfg: ModelConfig, acfg: AlignmentConfig | None, mesh) -> N
         raise ValueError(f"data.max_len={config.data.max_len} exceeds model.max_positions="
                          f"{mcfg.max_positions}")
     if acfg is not None:
-        micro = t.global_batch_size // t.micro_batches
-        per_graph = micro // shards if acfg.graph_scope == "device" else micro
-        if per_graph <= acfg.k:
-            raise ValueError(
-                f"alignment graphs get {per_graph} samples ({acfg.graph_scope} scope) but kNN "
-                f"needs more than k={acfg.k}: raise the batch, lower alignment.k, or use "
-                "alignment.graph_scope='global'"
-            )
+        graph_count(acfg, t.global_batch_size // t.micro_batches, shards)
     if config.eval.select_metric and not config.eval.json_paths:
         raise ValueError("eval.select_metric needs a validation set: set eval.json_paths, or "
                          "--config.eval.select_metric='' to train without best-step selection")
@@ -121,7 +114,7 @@ def abstract_boxed_params(mcfg: ModelConfig, acfg: AlignmentConfig | None, num_g
         pix = jnp.zeros((1, mcfg.image_size, mcfg.image_size, 3), jnp.float32)
         out = {"model": LlavaModel(mcfg).init(rng, ids, pix, jnp.ones_like(ids))["params"]}
         if acfg is not None:
-            n = num_groups * (acfg.k + 1)
+            n = num_groups * acfg.graph_size  # splits in every graph_scope
             x = jnp.zeros((n, mcfg.hidden_size), jnp.float32)
             out["alignment"] = MultiGraphAlignment(acfg, num_groups).init(
                 {"params": rng, "gumbel": rng, "dropout": rng}, x, x, x,

@@ -8,9 +8,14 @@ partial-matching matrix, since LPMP no longer installs) inside an
 autograd.Function with the black-box backward. torch_geometric's knn_graph needs
 pyg-lib, which has no wheel for this torch, so the peer computes the same edge
 list (query -> neighbour, flow='target_to_source') with torch.cdist + topk.
-Both sides use solver="lap" (unary costs), the default of AlignmentConfig.
+With --solver ipfp (the default of AlignmentConfig, the original's quadratic problem)
+the peer also builds the edge features and the [E, E] edge-pair costs with their Gumbel
+noise, as the original, and its autograd Function runs a NumPy IPFP (`numpy_ipfp`, the
+same algorithm and iteration count as ours; LPMP itself no longer installs) with the
+black-box backward for both cost tensors; --solver lap compares the unary-only versions.
 
   python tools/benchmarks/alignment.py [--sizes 16,64,256] [--dim 4096] [--repeats 3]
+      [--solver ipfp|lap]
 
 Prints a table, then one JSON line with the figures.
 """
@@ -43,6 +48,55 @@ def scipy_partial_matching(cost: np.ndarray) -> np.ndarray:
     return y
 
 
+# --- a NumPy quadratic matcher (IPFP), independent of exgra_jax; edges as (src, dst) lists
+def edge_lists(nbr_nk):
+    n, k = nbr_nk.shape
+    return np.repeat(np.arange(n), k), nbr_nk.reshape(-1)
+
+
+def quadratic_energy(x, unary, quad, e1, e2):
+    (s1, t1), (s2, t2) = e1, e2
+    return float((unary * x).sum() + (quad * x[s1][:, s2] * x[t1][:, t2]).sum())
+
+
+def edge_pair_indicator(x, e1, e2):
+    (s1, t1), (s2, t2) = e1, e2
+    return x[s1][:, s2] * x[t1][:, t2]
+
+
+def partial_lap(cost):
+    """Minimum-cost partial matching (unmatched at cost 0) with scipy: pairs of cost >= 0
+    never help, so solve the full assignment of min(cost, 0) and drop them."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(np.minimum(cost, 0.0))
+    x = np.zeros_like(cost)
+    x[rows, cols] = 1.0
+    return x * (cost < 0)
+
+
+def numpy_ipfp(unary, quad, e1, e2, iters, x=None):
+    """Frank-Wolfe over partial matchings with exact line search, from x (default: the
+    LAP of the unary costs); returns the lowest-energy discrete matching and its energy."""
+    (s1, t1), (s2, t2) = e1, e2
+    x = partial_lap(unary) if x is None else x
+    best, best_e = x, quadratic_energy(x, unary, quad, e1, e2)
+    for _ in range(iters):
+        g = unary.copy()
+        np.add.at(g, (s1[:, None], s2[None, :]), quad * x[t1][:, t2])
+        np.add.at(g, (t1[:, None], t2[None, :]), quad * x[s1][:, s2])
+        b = partial_lap(g)
+        e_b = quadratic_energy(b, unary, quad, e1, e2)
+        if e_b < best_e:
+            best, best_e = b, e_b
+        d = b - x
+        slope = float((g * d).sum())
+        curv = quadratic_energy(d, unary, quad, e1, e2) - float((unary * d).sum())
+        t = 1.0 if curv <= 0 else min(max(-slope / (2 * curv), 0.0), 1.0)
+        x = x + t * d
+    return best, best_e
+
+
 def torch_knn_edge_index(x, k):
     """Edge list of knn_graph(x, k, loop=False, flow='target_to_source'): [query; neighbour]."""
     import torch
@@ -54,8 +108,10 @@ def torch_knn_edge_index(x, k):
     return torch.stack([query, nbr.reshape(-1)])
 
 
-def make_torch_peer(weights, *, k=5, lam=80.0, message_flow="original", dropout=0.1):
-    """Returns loss_fn(image, response, caption, node_noise=None, training=False)."""
+def make_torch_peer(weights, *, k=5, lam=80.0, message_flow="original", dropout=0.1,
+                    solver="lap", ipfp_iters=10):
+    """Returns loss_fn(image, response, caption, node_noise=None, training=False,
+    edge_noise=None); edge_noise(num_edges) -> [E, E] noise, drawn per matching."""
     import torch
     from torch_geometric.data import Batch, Data
     from torch_geometric.nn import GraphConv
@@ -84,8 +140,33 @@ def make_torch_peer(weights, *, k=5, lam=80.0, message_flow="original", dropout=
             y_lam = torch.as_tensor(scipy_partial_matching(moved)).to(unary.dtype)
             return -(y - y_lam) / lam
 
-    def gm(x, y, node_noise, training):
-        edge_index = torch_knn_edge_index(x.detach(), k)
+    class BlackBoxQuadratic(torch.autograd.Function):
+        """The quadratic problem, as LPMP's GraphMatchingModule: Y from (unary, quad);
+        backward solves at unary + lam * dL/dY, -(Y - Y_lam) / lam for the unary costs and
+        the same of the edge-pair indicators for the quadratic ones."""
+
+        @staticmethod
+        def forward(ctx, unary, quad, nbr):
+            e = edge_lists(nbr.numpy())
+            u, q = unary.detach().double().numpy(), quad.detach().double().numpy()
+            y = numpy_ipfp(u, q, e, e, ipfp_iters)[0]
+            ctx.save_for_backward(unary, quad, nbr, torch.as_tensor(y))
+            return torch.as_tensor(y).to(unary.dtype)
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            unary, quad, nbr, y = ctx.saved_tensors
+            e = edge_lists(nbr.numpy())
+            u = (unary + lam * grad_y).detach().double().numpy()
+            y_lam = numpy_ipfp(u, quad.detach().double().numpy(), e, e, ipfp_iters)[0]
+            z, z_lam = (edge_pair_indicator(a, e, e) for a in (y.numpy(), y_lam))
+            g_u = -(y.numpy() - y_lam) / lam
+            g_q = -(z - z_lam) / lam
+            return (torch.as_tensor(g_u).to(unary.dtype), torch.as_tensor(g_q).to(quad.dtype),
+                    None)
+
+    def gm(x, y, node_noise, training, edge_noise):
+        knn = edge_index = torch_knn_edge_index(x.detach(), k)
         if message_flow == "forward":
             edge_index = edge_index.flip(0)
         # The original computes raw edge attributes edge by edge (later replaced).
@@ -106,16 +187,27 @@ def make_torch_peer(weights, *, k=5, lam=80.0, message_flow="original", dropout=
         if node_noise is not None:
             cos = cos + node_noise
         unary = -(cos - 0.5)
-        match = BlackBoxMatching.apply(unary)
+        if solver == "lap":
+            match = BlackBoxMatching.apply(unary)
+        else:
+            # Edges query -> neighbour (e = i * k + t), features x_query - x_neighbour.
+            query, nbr = knn
+            e1, e2 = (torch.nn.functional.normalize(hh[query] - hh[nbr], dim=1)
+                      for hh in (h[:n], h[n:]))
+            quad = e1 @ e2.T
+            if edge_noise is not None:
+                quad = quad + edge_noise(quad.shape[0])
+            quad = -0.5 * (quad - 0.5)
+            match = BlackBoxQuadratic.apply(unary, quad, nbr.reshape(n, k))
         eye = torch.eye(n, dtype=match.dtype)
         return (match * (1 - eye) + (1 - match) * eye).mean(0).sum()
 
-    def loss_fn(image, response, caption, node_noise=None, training=False):
+    def loss_fn(image, response, caption, node_noise=None, training=False, edge_noise=None):
         bary = (image + response + caption) / 3
         total = 0
         for mod in (image, response, caption):
-            total = total + (gm(mod, bary, node_noise, training) +
-                             gm(bary, mod, node_noise, training)) / 2
+            total = total + (gm(mod, bary, node_noise, training, edge_noise) +
+                             gm(bary, mod, node_noise, training, edge_noise)) / 2
         return total / 3
 
     return loss_fn, convs
@@ -125,7 +217,7 @@ def _jax_loss(params, image, response, caption, *, module, rngs):
     return module.apply(params, image, response, caption, deterministic=False, rngs=rngs)[0]
 
 
-def _bench_size(n: int, d: int, repeats: int) -> dict:
+def _bench_size(n: int, d: int, repeats: int, solver: str) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -133,7 +225,7 @@ def _bench_size(n: int, d: int, repeats: int) -> dict:
 
     from exgra_jax.alignment.objective import AlignmentConfig, MultiGraphAlignment
 
-    cfg = AlignmentConfig(graph_scope="global")
+    cfg = AlignmentConfig(graph_scope="global", solver=solver)
     module = MultiGraphAlignment(cfg)
     keys = jax.random.split(jax.random.key(n), 6)
     feats = [jax.random.normal(kk, (n, d), jnp.float32) for kk in keys[:3]]
@@ -148,17 +240,23 @@ def _bench_size(n: int, d: int, repeats: int) -> dict:
         tuple(np.asarray(gnn[f"conv{i}"][name]) for name in ("root_kernel", "rel_kernel", "bias"))
         for i in range(cfg.gnn_layers)
     ]
-    peer, convs = make_torch_peer(weights, k=cfg.k, lam=cfg.blackbox_lambda)
+    peer, convs = make_torch_peer(weights, k=cfg.k, lam=cfg.blackbox_lambda, solver=solver,
+                                  ipfp_iters=cfg.ipfp_iters)
 
     def run_jax():
         jax.block_until_ready(step(params, *feats))
 
     def run_torch(rep):
         inputs = [torch.tensor(np.asarray(f), requires_grad=True) for f in feats]
-        noise = torch.from_numpy(np.random.default_rng(rep).gumbel(0, 0.05, (n, n))).float()
+        rng = np.random.default_rng(rep)
+        noise = torch.from_numpy(rng.gumbel(0, 0.05, (n, n))).float()
+
+        def edge_noise(e):
+            return torch.from_numpy(rng.gumbel(0, 0.05, (e, e))).float()
+
         for conv in convs:
             conv.zero_grad()
-        peer(*inputs, node_noise=noise, training=True).backward()
+        peer(*inputs, node_noise=noise, training=True, edge_noise=edge_noise).backward()
 
     run_jax()  # compile
     run_torch(0)  # warm-up
@@ -171,7 +269,7 @@ def _bench_size(n: int, d: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         run_torch(rep + 1)
         t_torch.append(time.perf_counter() - t0)
-    return dict(n=n, d=d, jax_s=min(t_jax), torch_s=min(t_torch),
+    return dict(n=n, d=d, solver=solver, jax_s=min(t_jax), torch_s=min(t_torch),
                 speedup=min(t_torch) / min(t_jax))
 
 
@@ -180,16 +278,18 @@ def main():
     parser.add_argument("--sizes", default="16,64,256")
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--solver", default="ipfp", choices=["ipfp", "lap"])
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = [_bench_size(int(n), args.dim, args.repeats) for n in args.sizes.split(",")]
+    rows = [_bench_size(int(n), args.dim, args.repeats, args.solver)
+            for n in args.sizes.split(",")]
 
-    print(f"{'n':>5} {'d':>6} {'jax (s)':>10} {'torch peer (s)':>15} {'speedup':>8}")
+    print(f"{'n':>5} {'d':>6} {'solver':>7} {'jax (s)':>10} {'torch peer (s)':>15} {'speedup':>8}")
     for r in rows:
-        print(f"{r['n']:>5} {r['d']:>6} {r['jax_s']:>10.4f} {r['torch_s']:>15.4f} "
+        print(f"{r['n']:>5} {r['d']:>6} {r['solver']:>7} {r['jax_s']:>10.4f} {r['torch_s']:>15.4f} "
               f"{r['speedup']:>7.1f}x")
     print(json.dumps({"benchmark": "alignment_objective", "rows": rows}))
 

@@ -285,3 +285,55 @@ def test_command_line_server(served, tmp_path):
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+
+
+@pytest.mark.slow
+def test_web_page_in_headless_chromium(served, tmp_path):
+    from cdp_pipe import Browser, find_chromium  # noqa: PLC0415
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    questions = ["What is shown?", "Where is it?"]
+    browser = Browser(chromium, str(tmp_path / "profile"), served["server"].url + "/")
+    try:
+        page = browser.page_session()
+        browser.wait_for(page, "document.readyState === 'complete' && "
+                               "!!document.getElementById('model') && "
+                               f"document.getElementById('model').textContent === '{MODEL}'",
+                         timeout=60)
+        doc = browser.send("DOM.getDocument", {}, page)
+        node = browser.send("DOM.querySelector", {"nodeId": doc["root"]["nodeId"],
+                                                  "selector": "#image"}, page)["nodeId"]
+        browser.send("DOM.setFileInputFiles", {"nodeId": node, "files": [served["image"]]},
+                     page)
+        browser.evaluate(page, "document.getElementById('image').dispatchEvent("
+                               "new Event('change'))")
+        browser.wait_for(page, "document.getElementById('preview').src.startsWith('data:')")
+        for turn, question in enumerate(questions, 1):
+            browser.evaluate(page, f"document.getElementById('question').value = {question!r};"
+                                   "document.getElementById('send').click()")
+            try:  # the first answer includes compiling generate
+                browser.wait_for(page, "document.querySelectorAll('.assistant.done').length >= "
+                                       f"{turn} || document.querySelector('.error') !== null",
+                                 timeout=300)
+            except TimeoutError as e:
+                raise AssertionError(browser.evaluate(page, "document.body.innerText")) from e
+        assert browser.evaluate(page, "document.querySelector('.error') === null")
+        shown = browser.evaluate(page, "[...document.querySelectorAll('.user, .assistant')]"
+                                       ".map(d => d.textContent)")
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, page)["data"]
+    finally:
+        browser.close()
+    png = tmp_path / "chat_page.png"
+    png.write_bytes(base64.b64decode(shot))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The page streamed the same answers the API gives to the same conversation. The page
+    # asks without max_tokens: the server default (MAX_TOKENS here).
+    client, url = served["client"], data_url(served["image"])
+    first = _ask(client, [_user(questions[0], url)]).choices[0].message.content
+    second = _ask(client, [_user(questions[0], url), {"role": "assistant", "content": first},
+                           {"role": "user", "content": questions[1]}]).choices[0].message.content
+    assert shown == [f"You: {questions[0]}", f"Assistant: {first}",
+                     f"You: {questions[1]}", f"Assistant: {second}"]

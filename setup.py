@@ -35,6 +35,10 @@ setup(
     ],
     extras_require={
         "tpu": ["jax[tpu]"],
+        # gs:// workdirs: etils.epath reads and writes through gcsfs (orbax's arrays go through
+        # tensorstore, which needs nothing more); TensorBoard events through
+        # google-cloud-storage (tensorboardX).
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.10"],
         "gpu": ["jax[cuda12]"],
         "data": [
             "tensorflow-datasets>=4.9.7",

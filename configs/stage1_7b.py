@@ -15,11 +15,13 @@ Data-efficiency runs: ``--config.data.fraction=0.1``.
 import os
 
 from exgra_jax.train.defaults import base_config
+from exgra_jax.train.miniature import shrink, split_arg
 
 IM_START, IM_END = 32002, 32003
 
 
 def get_config(arg: str | None = None):
+    arg, mini = split_arg(arg)
     root = arg or "data/llava_med"
     c = base_config("llava_med_7b", dtype="bfloat16", param_dtype="float32",
                     remat_policy="full", scan_layers=True)
@@ -40,4 +42,4 @@ def get_config(arg: str | None = None):
     c.train.checkpoint_every = 1000
 
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    return c
+    return shrink(c) if mini else c

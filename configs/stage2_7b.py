@@ -22,9 +22,11 @@ chips keep 64 batch shards, e.g. v5e-256 with ``--config.mesh.tensor=4``.
 import os
 
 from exgra_jax.train.defaults import base_config
+from exgra_jax.train.miniature import shrink, split_arg
 
 
 def get_config(arg: str | None = None):
+    arg, mini = split_arg(arg)
     root = arg or "data/llava_med"
     c = base_config("llava_med_7b", dtype="bfloat16", param_dtype="float32",
                     remat_policy="full", scan_layers=True)
@@ -53,4 +55,4 @@ def get_config(arg: str | None = None):
     c.train.checkpoint_every = 500
 
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    return c
+    return shrink(c) if mini else c

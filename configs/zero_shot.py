@@ -15,15 +15,17 @@ ExGra-Med release layout) unless DIR holds a training checkpoint.
 import os
 
 from exgra_jax.train.defaults import base_config
+from exgra_jax.train.miniature import shrink, split_arg
 
 
 def get_config(arg: str | None = None):
+    arg, mini = split_arg(arg)
     root = arg or "data/OmniMedVQA"
     c = base_config("llava_med_7b", dtype="bfloat16", param_dtype="bfloat16",
                     scan_layers=True)
     c.init.source = "llava_hf"
     c.init.hf_dir = "exgra_med_7b_hf"
-    c.tokenizer = os.path.join(c.init.hf_dir, "tokenizer")
+    c.tokenizer = ""  # the one saved with the weights in init.hf_dir
     c.alignment.enabled = False
     c.alignment.weight = 0.0
 
@@ -33,4 +35,4 @@ def get_config(arg: str | None = None):
     c.eval.max_new_tokens = 32  # answers are one option; enough for the longest names
 
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    return c
+    return shrink(c) if mini else c

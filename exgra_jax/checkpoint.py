@@ -9,13 +9,14 @@ checkpoint that does not fit the run).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from exgra_jax import paths
 
 
 class _IteratorSnapshot:
@@ -46,13 +47,14 @@ class CheckpointMismatchError(ValueError):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
         # orbax wants absolute local paths; URLs (gs://...) pass through unchanged.
-        if "://" not in directory:
-            directory = os.path.abspath(directory)
+        directory = paths.absolute(directory)
         self.directory = directory
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(
             directory,
@@ -99,6 +101,17 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(_IteratorSnapshot(data_iterator))
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"]
+
+    def restore_params(self, step: int, abstract_params: dict) -> dict:
+        """Only ``state['params']`` parts named by ``abstract_params`` (sharded
+        ShapeDtypeStructs, e.g. ``{'model': ...}``): an orbax partial restore that never
+        reads the optimizer state, so a model needs memory for its weights alone."""
+        item = {"params": abstract_params}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        out = ocp.PyTreeCheckpointer().restore(
+            self.manager.directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True))
+        return out["params"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -19,12 +19,12 @@ On several hosts, every host runs this same command.
 """
 
 import json
-import os
+import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from exgra_jax.train import distributed
+from exgra_jax.runtime import setup_process
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (default: "
                                           "WORKDIR/config.json).", lock_config=True)
@@ -54,11 +54,12 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    from exgra_jax.eval.checkpoint_loading import (  # noqa: PLC0415
-        BEST,
-        parse_step,
-        read_workdir_config,
-    )
+    setup_process()
+    from exgra_jax import paths  # noqa: PLC0415
+    from exgra_jax.config_paths import EVAL_FIELDS, check_config_paths  # noqa: PLC0415
+    from exgra_jax.eval.checkpoint_loading import parse_step, read_workdir_config  # noqa: PLC0415
+    from exgra_jax.train import distributed  # noqa: PLC0415
+    from exgra_jax.workdir import BEST  # noqa: PLC0415
 
     try:
         step = parse_step(_STEP.value)
@@ -67,6 +68,7 @@ def main(argv):
     chatbot = _chatbot_runner() if _TASK.value == "chatbot" else None
     workdir = _WORKDIR.value
     config = _CONFIG.value if _CONFIG.value is not None else read_workdir_config(workdir)
+    check_config_paths(config, only=EVAL_FIELDS[:-1] if _HF_DIR.value else EVAL_FIELDS)
     distributed.initialize(config.distributed)
     import jax  # noqa: PLC0415
 
@@ -80,13 +82,16 @@ def main(argv):
     else:
         model = load_for_eval(config, workdir=workdir, step=step)
         tag = f"best_step{model.step}" if step == BEST else f"step{model.step}"
-    out = _OUT.value or os.path.join(workdir, "eval", f"{_TASK.value}_{tag}.jsonl")
-    logging.info("evaluating %s (%s) -> %s", model.name, _TASK.value, out)
+    out = _OUT.value or paths.join(workdir, "eval", f"{_TASK.value}_{tag}.jsonl")
+    first = jax.process_index() == 0
+    # Progress to stderr; stdout carries only the metrics JSON.
+    log = (lambda text: print(text, file=sys.stderr, flush=True)) if first else (lambda text: None)
+    log(f"evaluating {model.name} ({_TASK.value}) -> {out}")
     run = chatbot or (run_vqa if _TASK.value == "vqa" else run_zero_shot)
     result = run(config, model, out, template=_TEMPLATE.value, limit=_LIMIT.value,
-                 bucket=_BUCKET.value, log=logging.info)
-    if jax.process_index() == 0 and result is not None:
-        logging.info("metrics written to %s", metrics_path(out))
+                 bucket=_BUCKET.value, log=log)
+    if first and result is not None:
+        log(f"metrics written to {metrics_path(out)}")
         print(json.dumps(result), flush=True)
 
 

@@ -25,13 +25,14 @@ def image_block(n: int) -> str:
     return "<im_start>" + "<im_patch>" * n + "<im_end>"
 
 
-def llava_v0_prompt(exchanges: list[tuple[str, str]], question: str, block: str | None) -> str:
-    """The llava_v0 chat prompt written out by hand: the image block after the first
-    question, earlier answers after 'Assistant: '."""
+def llava_v0_prompt(exchanges: list[tuple[str, str]], question: str, block: str | None,
+                    image_first: bool = False) -> str:
+    """The llava_v0 chat prompt written out by hand: the image block after (or before) the
+    first question, earlier answers after 'Assistant: '."""
     text = f"{SYSTEM}\n\n###"
     for i, (q, a) in enumerate([*exchanges, (question, None)]):
         if i == 0 and block:
-            q = f"{q}\n{block}"
+            q = f"{block}\n{q}" if image_first else f"{q}\n{block}"
         text += f" Human: {q}\n###"
         if a is not None:
             text += f" Assistant: {a}\n###"

@@ -289,9 +289,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_select_and_launch_eval_loads_the_best(data, tmp_path):
-    """Two processes (2 CPU devices each) under jax.distributed: each answers its share of
-    the validation set on its own devices, process 0 scores and writes best.json, the best
-    params are saved collectively; then `launch/eval.py --step best` evaluates them."""
+    """Two processes (2 CPU devices each) under jax.distributed: both generate on the
+    training mesh (4 devices, parameters sharded as they train), process 0 alone writes and
+    scores the answers and best.json, the best params are saved collectively; then
+    `launch/eval.py --step best` evaluates them."""
     config = finetune_config(data["data"], data["val"], total_steps=4)
     workdir = str(tmp_path / "multi")
     start_from_random_weights(config, workdir)
@@ -317,13 +318,14 @@ def test_two_processes_select_and_launch_eval_loads_the_best(data, tmp_path):
     assert best["step"] == first_argmax(logged)
     gt = metrics.read_ground_truth(data["val"])
     cands = metrics.read_candidates(config.eval.candidates)
-    for step in (2, 4):  # every question answered once, the parts merged and removed
+    for step in (2, 4):  # every question answered once
         answers = metrics.read_predictions(selection.answers_path(workdir, step))
         assert [a["question_id"] for a in answers] == [r["id"] for r in gt]
         expected = metrics.score(gt, answers, cands)
         assert logged[step] == pytest.approx(
             (expected["open_recall"] + expected["closed_accuracy"]) / 2, abs=1e-4)
-    assert not [f for f in os.listdir(os.path.join(workdir, "val_vqa")) if ".part" in f]
+    assert sorted(os.listdir(os.path.join(workdir, "val_vqa"))) == [
+        "step_2.jsonl", "step_2.metrics.json", "step_4.jsonl", "step_4.metrics.json"]
     assert_trees_equal(checkpoint_params(os.path.join(workdir, "best"), best["step"]),
                        checkpoint_params(os.path.join(workdir, "checkpoints"), best["step"]))
 

@@ -86,7 +86,10 @@ def test_terminal_chat_multi_turn_through_stdin(chat_setup, tmp_path):
     pixels = ImagePreprocessor(ImageConfig(mcfg.image_size, config.data.image_aspect))(
         chat_setup["image"])
     block = _image_block(mcfg.num_image_tokens)
-    first = f"{SYSTEM}\n\n### Human: What is shown?\n{block}\n### Assistant:"
+    # The chat places the image as the config's evaluation does (configs/demo.py: first).
+    asked = (f"{block}\nWhat is shown?" if config.eval.image_first
+             else f"What is shown?\n{block}")
+    first = f"{SYSTEM}\n\n### Human: {asked}\n### Assistant:"
     assert answers[0] == _reference_answer(model, first, pixels, 8)
     second = f"{first} {answers[0]}\n### Human: Where is it?\n### Assistant:"
     assert answers[1] == _reference_answer(model, second, pixels, 8)

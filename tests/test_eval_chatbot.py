@@ -245,7 +245,7 @@ def test_launch_eval_chatbot_end_to_end(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["complete"] and result["num_judged"] == 10 and result["failures"] == []
     _assert_summary(result["summary"], questions)
-    table = proc.stdout.splitlines()
+    table = proc.stderr.splitlines()  # progress and the table; stdout: the JSON alone
     header = next(i for i, line in enumerate(table) if line.startswith("category"))
     print("\n".join(table[header:header + 1 + len(result["summary"])]))
     overall = next(line for line in table if line.startswith("overall"))

@@ -43,8 +43,8 @@ def served(tmp_path_factory):
     images = os.path.join(data, "images")
     image_config = ImageConfig(model.config.image_size, config.data.image_aspect)
     media = MediaPolicy(image_dir=images, max_image_bytes=300_000, max_image_pixels=1_000_000)
-    engine = Engine(model, "llava_v0", image_config, True, media, default_max_tokens=MAX_TOKENS,
-                    max_batch=8, window_s=0.05)
+    engine = Engine(model, "llava_v0", image_config, True, image_first=False, media=media,
+                    default_max_tokens=MAX_TOKENS, max_batch=8, window_s=0.05)
     server = LocalServer(create_app(engine, MODEL, max_body_bytes=1_000_000))
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
                            timeout=120)
@@ -189,6 +189,9 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(served, capsys):
         ("system message", {"model": MODEL, "messages": [
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
          400, "invalid_request_error"),
+        ("image after the first message", {"model": MODEL, "messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            _user("What is shown?", data_url(served["image"]))]}, 400, "invalid_request_error"),
         ("assistant last", {"model": MODEL, "messages": [
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
          400, "invalid_request_error"),
@@ -277,9 +280,10 @@ def test_command_line_server(served, tmp_path):
         url = data_url(served["image"])
         reply = client.chat.completions.create(model=MODEL, temperature=0,
                                                messages=[_user("What is shown?", url)])
-        expected = reference_answer(served["model"],
-                                    llava_v0_prompt([], "What is shown?", served["block"]),
-                                    served["pixels"], MAX_TOKENS)[0]
+        # The workdir's config (configs/demo.py) asks with the image first.
+        prompt = llava_v0_prompt([], "What is shown?", served["block"],
+                                 image_first=served["config"].eval.image_first)
+        expected = reference_answer(served["model"], prompt, served["pixels"], MAX_TOKENS)[0]
         assert reply.choices[0].message.content == expected
     finally:
         proc.terminate()

@@ -31,13 +31,10 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
 
     from exgra_jax.checkpoint import Checkpointer
     from exgra_jax.convert.hf import save_llava
-    from exgra_jax.eval.checkpoint_loading import (
-        BEST,
-        checkpoint_directory,
-        restore_model_params,
-    )
+    from exgra_jax.eval.checkpoint_loading import checkpoint_directory, restore_model_params
     from exgra_jax.models.config import ModelConfig
     from exgra_jax.parallel import DEFAULT_RULES, make_mesh
+    from exgra_jax.workdir import BEST
 
     best = step == BEST
     directory = checkpoint_directory(workdir, step)
@@ -54,8 +51,9 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
         raise SystemExit(f"{workdir}: no checkpoint at step {step} (have {ckpt.all_steps()})")
     config = ModelConfig.from_dict(ckpt.read_meta(latest if step is None else step)["model"])
     ckpt.close()
-    # Only params['model'] is read (no optimizer state), onto this host's first device.
-    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
+    # Only params['model'] is read (no optimizer state), into host memory: an accelerator
+    # chip could not hold a 7B model's fp32 weights, the host can.
+    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices("cpu")[:1])
     params, step = restore_model_params(workdir, config, mesh, DEFAULT_RULES,
                                         BEST if best else step)
     save_llava(config, params, out, dtype=dtype)
@@ -83,8 +81,8 @@ def from_hf(args) -> str:
     import jax
 
     from exgra_jax.checkpoint import Checkpointer
+    from exgra_jax.config_paths import load_config_file
     from exgra_jax.train import trainer
-    from exgra_jax.train.defaults import load_config_file
 
     config = load_config_file(f"{args.config}:{args.config_arg}" if args.config_arg
                               else args.config)
@@ -138,6 +136,9 @@ def main(argv=None) -> None:
     f.add_argument("--clip-dir", default=None)
     f.add_argument("--llama-dir", default=None)
     args = p.parse_args(argv)
+    from exgra_jax.runtime import setup_process
+
+    setup_process()
     if args.command == "to-hf":
         to_hf(args.workdir, args.out, args.step, args.dtype)
     else:

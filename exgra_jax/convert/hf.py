@@ -4,6 +4,7 @@
 - ``save_llava(config, params, out_dir)``: a directory that
   ``transformers.LlavaForConditionalGeneration.from_pretrained`` loads
 - ``load_llava_med(hf_dir)``: the LLaVA-Med v1 / ExGra-Med release layout (LlavaLlamaForCausalLM)
+  and LLaVA-Med v1.5 (``llava_mistral``, LlavaMistralForCausalLM)
 - ``load_clip_llama(clip_dir, llama_dir)``: separate CLIPVisionModel + LlamaForCausalLM
   directories (the start of stage 1); the projector is freshly initialised.
 
@@ -21,7 +22,15 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from exgra_jax.convert.mapping import LAYOUTS, TRANSFORMS, Layout, expand, locate
+from exgra_jax.convert.mapping import (
+    LAYOUTS,
+    TRANSFORMS,
+    UNUSED_TENSOR_SUFFIXES,
+    UNUSED_VISION_PARTS,
+    Layout,
+    expand,
+    locate,
+)
 from exgra_jax.convert.safetensors_io import CheckpointReader, write_safetensors
 from exgra_jax.models import config as mc
 
@@ -133,6 +142,24 @@ def fill_params(
 VOCAB_PARAMS = ("llm/embed_tokens", "llm/lm_head/kernel")
 
 
+def refuse_unknown_tensors(config: mc.ModelConfig, reader: CheckpointReader,
+                           layouts: list[Layout]) -> None:
+    """Every tensor of ``reader`` must be read by a rule or be known to be unused; anything
+    else (a module this code does not implement) is refused by name rather than dropped."""
+    used = {theirs for lay in layouts for _, theirs, _ in expand(config, lay)}
+    vision = [lay.vision + part for lay in layouts if lay.vision is not None
+              for part in UNUSED_VISION_PARTS]
+    unknown = sorted(
+        name for name in reader.keys()
+        if name not in used and not name.endswith(UNUSED_TENSOR_SUFFIXES)
+        and not name.startswith(tuple(vision)))
+    if unknown:
+        raise ValueError(
+            f"{reader.directory}: {len(unknown)} tensors belong to nothing this model has, "
+            f"e.g. {unknown[:8]}; they would be silently dropped. Check the config "
+            "(dense_connector, projector, vision tower) or convert those weights first")
+
+
 def _grown_vocab(tensor: np.ndarray, vocab: int, ours: str) -> np.ndarray:
     rows = np.asarray(tensor, np.float32)  # [old_vocab, d] in both HF layouts
     grown = np.concatenate([rows, np.repeat(rows.mean(0, keepdims=True), vocab - len(rows), 0)])
@@ -157,6 +184,7 @@ def load_llava(hf_dir: str, dtype: str = "float32", **overrides) -> tuple[mc.Mod
     config = mc.from_hf(cfg_dict, **overrides)
     reader = CheckpointReader(hf_dir)
     layout = detect_layout(reader, ("llava_hf", "llava_hf_v5_saved", "llava_hf_v5"))
+    refuse_unknown_tensors(config, reader, [layout])
     return config, fill_params(config, [(reader, layout, ("vision", "projector", "llm"))], dtype)
 
 
@@ -181,19 +209,45 @@ def _vision_fields_from_tensors(reader: CheckpointReader, prefix: str) -> dict[s
                 vision_heads=heads, vision_mlp=mlp)
 
 
+# model_type of the LLaVA-Med releases -> the text model inside.
+RELEASE_TEXT_MODELS = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
+# Conversation template each release was trained with.
+RELEASE_TEMPLATES = {"llama": "llava_v0", "mistral": "mistral_instruct"}
+
+
+def release_template(hf_dir: str) -> str:
+    """The conversation template of a LLaVA-Med release directory (v1.5: mistral_instruct)."""
+    cfg = _read_json(os.path.join(hf_dir, "config.json"))
+    return RELEASE_TEMPLATES[_release_text_model(cfg, hf_dir)]
+
+
+def _release_text_model(cfg: dict, hf_dir: str) -> str:
+    kind = cfg.get("model_type", "llava")
+    if kind not in RELEASE_TEXT_MODELS:
+        raise ValueError(f"{hf_dir}: model_type {kind!r} is not a LLaVA-Med release; known: "
+                         f"{sorted(RELEASE_TEXT_MODELS)} (llava-hf directories: load_llava)")
+    return RELEASE_TEXT_MODELS[kind]
+
+
 def load_llava_med(hf_dir: str, dtype: str = "float32", clip_dir: str | None = None,
                    **overrides) -> tuple[mc.ModelConfig, dict]:
-    """The LLaVA-Med v1 / ExGra-Med release layout -> (ModelConfig, params).
+    """A LLaVA-Med release directory -> (ModelConfig, params).
 
-    The vision tower comes from the checkpoint when it holds one
-    (``model.vision_tower.vision_tower.vision_model.*``), else from ``clip_dir``.
-    A projector wider than the CLIP width means a dense connector: pass
-    ``dense_connector='dci'|'sci'`` (the checkpoint does not say which).
+    v1 / ExGra-Med (``LlavaLlamaForCausalLM``) and v1.5 (``llava_mistral``: Mistral text
+    model, CLIP-336). The vision tower comes from the checkpoint when it holds one
+    (``model.vision_tower.vision_tower.vision_model.*``), else from ``clip_dir``; its image
+    size from the position embedding. A projector wider than the CLIP width means a dense
+    connector: ExGra-Med records it as ``mm_dense_connector_type``, else pass
+    ``dense_connector='dci'|'sci'``. A release without image tokens in its vocabulary
+    (``mm_use_im_patch_token`` false, as v1.5) gets LLaVA-Med v1's four tokens appended
+    ([PAD], <im_patch>, <im_start>, <im_end>; new rows = the mean row). Tensors the model
+    does not have are refused by name.
     """
     cfg = _read_json(os.path.join(hf_dir, "config.json"))
     reader = CheckpointReader(hf_dir)
     layout = LAYOUTS["llava_med_v1"]
-    fields: dict[str, Any] = mc.text_fields_from_hf(cfg)
+    text_model = _release_text_model(cfg, hf_dir)
+    fields: dict[str, Any] = mc.text_fields_from_hf(dict(cfg, model_type=text_model))
     sources: list = [(reader, layout, ("projector", "llm"))]
     if (layout.vision + "embeddings.patch_embedding.weight") in reader:
         fields.update(_vision_fields_from_tensors(reader, layout.vision))
@@ -212,14 +266,19 @@ def load_llava_med(hf_dir: str, dtype: str = "float32", clip_dir: str | None = N
     if proj_type not in ("linear", "mlp2x_gelu"):
         raise ValueError(f"unsupported mm_projector_type {proj_type!r}")
     in_dim = reader.shape("model.mm_projector.0.weight")[1]
+    grow = cfg.get("mm_use_im_patch_token", True) is False
+    base_vocab = fields["vocab_size"]
     fields.update(
         projector=proj_type,
         vision_select_layer=cfg.get("mm_vision_select_layer", -2),
         vision_select_strategy="patch"
         if cfg.get("mm_vision_select_feature", "patch") == "patch" else "cls_patch",
-        pad_token_id=cfg.get("pad_token_id") or 0,
-        image_token_id=overrides.pop("image_token_id", cfg.get("im_patch_token", 32001)),
+        dense_connector=str(cfg.get("mm_dense_connector_type") or "none").lower(),
+        pad_token_id=base_vocab if grow else cfg.get("pad_token_id") or 0,
+        image_token_id=base_vocab + 1 if grow else cfg.get("im_patch_token", 32001),
     )
+    if grow:
+        fields["vocab_size"] = base_vocab + 4
     fields.update(overrides)
     config = mc.ModelConfig(**fields)
     if config.connector_in_dim != in_dim:
@@ -228,7 +287,8 @@ def load_llava_med(hf_dir: str, dtype: str = "float32", clip_dir: str | None = N
             f" (dense_connector={config.dense_connector!r}); a {in_dim // config.vision_width}x "
             "CLIP-width projector needs dense_connector='dci' or 'sci'"
         )
-    return config, fill_params(config, sources, dtype)
+    refuse_unknown_tensors(config, reader, [layout])
+    return config, fill_params(config, sources, dtype, grow_vocab=grow)
 
 
 def _clip_source(clip_dir: str):
@@ -275,7 +335,7 @@ def hf_config(config: mc.ModelConfig) -> dict[str, Any]:
         raise ValueError("llava-hf's projector is mlp2x_gelu; cannot export "
                          f"projector={config.projector!r}")
     text = dict(
-        model_type="llama", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        model_type=config.llm_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.mlp_size, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
         head_dim=config.resolved_head_dim, hidden_act="silu",
@@ -285,20 +345,27 @@ def hf_config(config: mc.ModelConfig) -> dict[str, Any]:
         tie_word_embeddings=config.tie_embeddings, attention_bias=False, mlp_bias=False,
         pad_token_id=config.pad_token_id, bos_token_id=1, eos_token_id=2,
     )
+    if config.llm_type == "mistral":
+        text["sliding_window"] = config.sliding_window or None
+    elif config.sliding_window:
+        raise ValueError("LLaMA has no sliding window: set llm_type='mistral' to export one")
     vision = dict(
-        model_type="clip_vision_model", hidden_size=config.vision_width,
+        model_type=mc.VISION_MODEL_TYPES[config.vision_type], hidden_size=config.vision_width,
         intermediate_size=config.vision_mlp, num_hidden_layers=config.vision_layers,
         num_attention_heads=config.vision_heads, image_size=config.image_size,
         patch_size=config.patch_size, hidden_act=config.vision_act,
         layer_norm_eps=config.vision_eps, num_channels=3,
     )
+    if config.vision_type == "siglip":
+        vision["vision_use_head"] = False  # LLaVA reads hidden states, never the pooled head
     return dict(
         architectures=["LlavaForConditionalGeneration"], model_type="llava",
         text_config=text, vision_config=vision, image_token_index=config.image_token_id,
         projector_hidden_act="gelu", multimodal_projector_bias=config.projector_bias,
         vision_feature_layer=config.vision_select_layer,
+        # 'default' drops CLIP's CLS token; SigLIP has none to drop.
         vision_feature_select_strategy="default"
-        if config.vision_select_strategy == "patch" else "full",
+        if config.vision_select_strategy == "patch" and config.vision_has_cls else "full",
         image_seq_length=config.num_image_tokens, tie_word_embeddings=config.tie_embeddings,
         pad_token_id=config.pad_token_id,
     )

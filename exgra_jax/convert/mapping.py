@@ -54,6 +54,14 @@ CLIP_RULES = (
     Rule("vision_tower/post_ln/scale", "post_layernorm.weight"),
     Rule("vision_tower/post_ln/bias", "post_layernorm.bias"),
 )
+SIGLIP_RULES = (
+    Rule("vision_tower/patch_embed/kernel", "embeddings.patch_embedding.weight", "patch"),
+    Rule("vision_tower/patch_embed/bias", "embeddings.patch_embedding.bias"),
+    Rule("vision_tower/pos_embed", "embeddings.position_embedding.weight"),
+    Rule("vision_tower/post_ln/scale", "post_layernorm.weight"),
+    Rule("vision_tower/post_ln/bias", "post_layernorm.bias"),
+)
+# SigLIP and CLIP encoder layers carry the same tensor names.
 CLIP_LAYER_RULES = (
     Rule("vision_tower/layers_{i}/ln1/scale", "encoder.layers.{i}.layer_norm1.weight"),
     Rule("vision_tower/layers_{i}/ln1/bias", "encoder.layers.{i}.layer_norm1.bias"),
@@ -120,10 +128,18 @@ LAYOUTS = {
     "llava_med_v1": Layout("llava_med_v1", "model.vision_tower.vision_tower.vision_model.",
                            "model.mm_projector.", ("0", "2"), llm="model.",
                            lm_head="lm_head.weight"),
-    "clip": Layout("clip", "vision_model.", None),  # the Hub's CLIPVisionModel / CLIPModel
-    "clip_v5": Layout("clip_v5", "", None),  # transformers >= 5 CLIPVisionModel.save_pretrained
+    # The Hub's CLIPVisionModel / CLIPModel / SiglipVisionModel, and what transformers >= 5
+    # save_pretrained writes for them.
+    "clip": Layout("clip", "vision_model.", None),
+    "clip_v5": Layout("clip_v5", "", None),
     "llama": Layout("llama", None, None, llm="model.", lm_head="lm_head.weight"),
 }
+
+# Tensors a checkpoint may hold that no model here reads: RoPE tables and position ids
+# that transformers recomputes (suffixes), and SigLIP's pooling head (under the vision
+# prefix), which LLaVA never runs.
+UNUSED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+UNUSED_VISION_PARTS = ("head.",)
 
 
 def projector_rules(config, layout: Layout) -> tuple[Rule, ...]:
@@ -143,7 +159,7 @@ def projector_rules(config, layout: Layout) -> tuple[Rule, ...]:
 def expand(config, layout: Layout, components=("vision", "projector", "llm")):
     """Yield (our unscanned path, full HF tensor name, transform) for a config and layout."""
     if "vision" in components and layout.vision is not None:
-        for r in CLIP_RULES:
+        for r in CLIP_RULES if config.vision_has_cls else SIGLIP_RULES:
             yield r.ours, layout.vision + r.hf, r.transform
         for i in range(config.vision_layers):
             for r in CLIP_LAYER_RULES:

@@ -11,6 +11,8 @@ to emit (the template's stop string), starting at the space after the role's col
     "{system} USER: {q} ASSISTANT:[ {a}</s>]USER: {q} ASSISTANT:[ {a}</s>]"
   simple (LLaVA-Med VQA evaluation prompt, one-shot greeting, '###' separators):
     "{system}###Human: Hi!###Assistant: Hi there! How can I help you today?###Human: {q}###Assistant:[ {a}###]"
+  mistral_instruct (LLaVA-Med v1.5; LLaVA's LLAMA_2 separator style, empty system prompt):
+    "[INST] {q} [/INST][ {a} </s>][INST] {q} [/INST][ {a} </s>]"
 
 (brackets mark the targets). The whole string is tokenized once; a token is a target when
 its first character lies inside a target range, so the labels follow the real tokenization
@@ -21,6 +23,8 @@ not, as LLaVA v1 does not).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,11 +83,20 @@ class Template:
         parts.append(self.tail)
         return "".join(parts), targets
 
-    def prompt(self, question: str) -> str:
-        """The text a model continues to answer `question` (image tokens already in it)."""
-        return self.header + self.human_prefix + question + self.human_suffix + (
-            self.assistant_prefix
-        )
+    def chat_prompt(self, turns: Sequence[tuple[str, str | None]]) -> str:
+        """The text a model continues to answer the last question of ``turns``.
+
+        ``turns`` are (question, answer) pairs, image tokens already in the questions; the
+        last answer is None. Earlier exchanges are rendered exactly as in training, so the
+        prompt is the prefix of the training sequence up to the last answer.
+        """
+        if not turns or turns[-1][1] is not None or any(a is None for _, a in turns[:-1]):
+            raise ValueError("chat_prompt needs (question, answer) turns, only the last "
+                             "answer None")
+        flat = [(role, text) for q, a in turns
+                for role, text in (("human", q), ("gpt", a)) if text is not None]
+        text, _ = self.render(flat)
+        return text[: len(text) - len(self.tail)] + self.assistant_prefix
 
 
 TEMPLATES = {
@@ -112,6 +125,14 @@ TEMPLATES = {
         assistant_prefix="Assistant:",
         stop="###",
     ),
+    "mistral_instruct": Template(
+        name="mistral_instruct",
+        header="",
+        human_prefix="[INST] ",
+        human_suffix=" [/INST]",
+        assistant_prefix="",
+        stop=" </s>",
+    ),
 }
 
 
@@ -119,6 +140,53 @@ def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise ValueError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def chat_template_jinja(template: str, image_text: str, image_first: bool) -> str:
+    """A Jinja chat template (transformers' ``apply_chat_template``) rendering exactly what
+    `ConversationTokenizer.chat_prompt_text` builds, with ``image_text`` as the image block
+    (for a processor: one image token that it expands to the image's token count).
+
+    Messages are {"role": "user"|"assistant", "content": str | [{"type": "text"|"image"}]}.
+    As in `chat_prompt_text`: ``<image>`` is removed from user text, which is stripped; a
+    conversation with an image (an image part anywhere, or ``<image>`` in user text) gets
+    the image block on its first question, before it with ``image_first``, else after.
+    """
+    t = get_template(template)
+
+    def lit(text: str) -> str:
+        return json.dumps(text)  # a JSON string is a valid Jinja string literal
+
+    image = lit(image_text)
+    placed = f"{image} + '\\n' + text" if image_first else f"text + '\\n' + {image}"
+    return (
+        "{%- macro text_of(content) -%}"
+        "{%- if content is string -%}{{ content }}{%- else -%}"
+        "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+        "{%- endif -%}{%- endmacro -%}"
+        "{%- set ns = namespace(image=false, first=true) -%}"
+        "{%- for m in messages if m['role'] == 'user' -%}"
+        "{%- if m['content'] is string -%}"
+        "{%- if '<image>' in m['content'] -%}{%- set ns.image = true -%}{%- endif -%}"
+        "{%- else -%}{%- for part in m['content'] if part['type'] == 'image' -%}"
+        "{%- set ns.image = true -%}{%- endfor -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{{ bos_token }}" + "{{ " + lit(t.header) + " }}"
+        "{%- for m in messages -%}"
+        "{%- set text = text_of(m['content']) -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- set text = text.replace('<image>', '') | trim -%}"
+        "{%- if ns.first and ns.image -%}{%- set text = " + placed + " -%}{%- endif -%}"
+        "{%- set ns.first = false -%}"
+        "{{ " + lit(t.human_prefix) + " + text + " + lit(t.human_suffix) + " }}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{{ " + lit(t.assistant_prefix + " ") + " + text + " + lit(t.stop) + " }}"
+        "{%- else -%}{{ raise_exception('only user and assistant messages') }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + lit(t.assistant_prefix) + " }}"
+        "{%- else -%}{{ " + lit(t.tail) + " }}{%- endif -%}"
+    )
 
 
 def image_token_string(num_image_tokens: int, use_im_start_end: bool) -> str:
@@ -282,19 +350,34 @@ class ConversationTokenizer:
         return self.tokenize_text(answers_text(normalize_turns(conversation)), max_len)
 
     # ----------------------------------------------------------------------------------
+    def chat_prompt_text(self, turns: Sequence[tuple[str, str | None]], has_image: bool,
+                         image_first: bool = False) -> str:
+        """THE generation prompt: VQA evaluation, the chat, the server and the exported
+        chat template all build their prompts with this rule.
+
+        ``turns``: (question, answer) pairs, the last answer None. ``<image>`` placeholders
+        are removed from the questions; with ``has_image`` the image tokens go after the
+        first question (LLaVA-Med's evaluation prompt) or, with ``image_first``, before it
+        (how its training conversations place them), joined by a newline.
+        """
+        clean = [(q.replace(IMAGE_PLACEHOLDER, "").strip(), a) for q, a in turns]
+        if has_image and clean:
+            q, a = clean[0]
+            q = self._image_text + "\n" + q if image_first else q + "\n" + self._image_text
+            clean[0] = (q, a)
+        return self.template.chat_prompt(clean)
+
     def prompt_text(self, question: str, has_image: bool, image_first: bool = False) -> str:
-        """LLaVA-Med VQA style prompt: `<image>` removed, image tokens after the question
-        (LLaVA-Med's evaluation), or before it with ``image_first`` (how its training
-        conversations place them)."""
-        question = question.replace(IMAGE_PLACEHOLDER, "").strip()
-        if has_image:
-            question = (self._image_text + "\n" + question if image_first
-                        else question + "\n" + self._image_text)
-        return self.template.prompt(question)
+        """The generation prompt for one question (see `chat_prompt_text`)."""
+        return self.chat_prompt_text([(question, None)], has_image, image_first)
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """Token ids (BOS first, unpadded) of a prompt text."""
+        return self._encode(text)[0]
 
     def prompt_ids(self, question: str, has_image: bool, image_first: bool = False) -> np.ndarray:
         """Token ids (BOS first, unpadded) of the generation prompt for one question."""
-        return self._encode(self.prompt_text(question, has_image, image_first))[0]
+        return self.encode_prompt(self.prompt_text(question, has_image, image_first))
 
     @property
     def min_length_with_image(self) -> int:

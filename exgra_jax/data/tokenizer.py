@@ -125,3 +125,14 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 2000) 
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def check_tokenizer(tokenizer, model_config) -> None:
+    """The tokenizer must fit the model: same <im_patch> id, no id past the vocabulary."""
+    ids = special_token_ids(tokenizer)
+    if ids["image_patch"] != model_config.image_token_id:
+        raise ValueError(f"the tokenizer's <im_patch> id is {ids['image_patch']} but "
+                         f"model.image_token_id is {model_config.image_token_id}")
+    if len(tokenizer) > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                         f"{model_config.vocab_size}")

@@ -6,9 +6,9 @@
 
 Terminal commands: ``/image PATH`` (a new image; starts a new conversation), ``/reset``,
 ``/quit`` (or end of input). The whole conversation is kept in the model's conversation
-template (``config.data.template`` unless ``--template``), the image tokens following the
-first question as in LLaVA-Med's evaluation prompt; each answer is generated after the
-template's assistant prefix and cut at its stop string. When the history outgrows the
+template (``config.data.template`` unless ``--template``), built by the same function as
+evaluation prompts (the image tokens placed by ``config.eval.image_first``); each answer
+is generated after the template's assistant prefix and cut at its stop string. When the history outgrows the
 model's context, the oldest exchanges are dropped (the image stays with the first kept
 question).
 """
@@ -22,28 +22,35 @@ from typing import Any
 
 import numpy as np
 
-from exgra_jax.data.conversation import get_template, image_token_string
+from exgra_jax.data.conversation import ConversationTokenizer
 from exgra_jax.data.image import ImageConfig, ImagePreprocessor
-from exgra_jax.data.tokenizer import IMAGE_PLACEHOLDER, special_token_ids
+from exgra_jax.data.tokenizer import IMAGE_PLACEHOLDER
 from exgra_jax.inference.generate import GenerationConfig, generate, pad_prompts
 
 
 class ChatSession:
-    """One conversation: an optional image and the (question, answer) history."""
+    """One conversation: an optional image and the (question, answer) history.
+
+    Prompts come from `ConversationTokenizer.chat_prompt_text`, the builder VQA evaluation
+    uses, with the same ``image_first``: the first question of a chat gets the tokens an
+    evaluation of the same question gets.
+    """
 
     def __init__(self, model, template: str, image_config: ImageConfig,
                  use_im_start_end: bool = True, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 bucket: int = 64, lock: threading.Lock | None = None):
+                 bucket: int = 64, lock: threading.Lock | None = None,
+                 image_first: bool = False):
         self.model = model
-        self.template = get_template(template)
+        self.conv = ConversationTokenizer(model.tokenizer, template,
+                                          model.config.num_image_tokens, use_im_start_end)
+        self.image_first = image_first
         self.images = ImagePreprocessor(image_config)
-        self.ids = special_token_ids(model.tokenizer)
-        self.image_text = image_token_string(model.config.num_image_tokens, use_im_start_end)
+        self.ids = self.conv.ids
         self.gen = GenerationConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             eos_token_ids=(self.ids["eos"],), pad_token_id=self.ids["pad"],
-            stop_strings=(self.template.stop.strip(),))
+            stop_strings=(self.conv.stop_string,))
         self.seed = seed
         self.bucket = bucket
         self.lock = lock or threading.Lock()  # generation is serialized per model
@@ -59,21 +66,11 @@ class ChatSession:
         self.history = []
 
     def prompt_text(self, question: str, history: list[tuple[str, str]]) -> str:
-        turns: list[tuple[str, str]] = []
-        for i, (q, a) in enumerate([*history, (question, None)]):
-            if i == 0 and self.pixels is not None:
-                q = q + "\n" + self.image_text
-            turns.append(("human", q))
-            if a is not None:
-                turns.append(("gpt", a))
-        text, _ = self.template.render(turns)
-        if self.template.tail:
-            text = text[: len(text) - len(self.template.tail)]
-        return text + self.template.assistant_prefix
+        return self.conv.chat_prompt_text([*history, (question, None)],
+                                          self.pixels is not None, self.image_first)
 
     def _encode(self, text: str) -> list[int]:
-        backend = self.model.tokenizer.backend_tokenizer
-        return backend.encode(text, add_special_tokens=True).ids
+        return self.conv.encode_prompt(text).tolist()
 
     def ask(self, question: str) -> str:
         question = question.replace(IMAGE_PLACEHOLDER, " ").strip()
@@ -106,8 +103,8 @@ class ChatSession:
 # ------------------------------------------------------------------------------ loading
 def session_factory(args):
     """Loads the model once; returns a function making new sessions that share it."""
+    from exgra_jax.config_paths import load_config_file  # noqa: PLC0415
     from exgra_jax.eval.checkpoint_loading import load_for_eval, read_workdir_config  # noqa: PLC0415
-    from exgra_jax.train.defaults import load_config_file  # noqa: PLC0415
 
     if args.config:
         config = load_config_file(args.config)
@@ -122,7 +119,8 @@ def session_factory(args):
     def make() -> ChatSession:
         return ChatSession(model, args.template or config.data.template, image_config,
                            config.data.mm_use_im_start_end, args.max_new_tokens,
-                           args.temperature, args.top_p, args.seed, lock=lock)
+                           args.temperature, args.top_p, args.seed, lock=lock,
+                           image_first=config.eval.get("image_first", False))
 
     return make
 

@@ -12,7 +12,8 @@ GPT model over an OpenAI-compatible endpoint (``exgra_jax.eval.judge``).
 2. Judgments: the judge scores the reference answer (assistant 1) and ours (assistant 2);
    each judgment is appended to OUT's ``.judgments.jsonl`` as it arrives, so a rerun
    judges only what is missing and no question is judged twice. A reply whose first line
-   is not two scores is asked again (``parse_attempts`` in all), then reported.
+   is not two scores is asked again (``parse_attempts`` in all), then reported. Questions
+   the answerer skipped (an unreadable image) are not judged and are reported.
 3. Summary, as LLaVA-Med's summarize_gpt_review: per question type, per imaging domain (the
    first of chest_xray, mri, histology, gross, ct_scan marked true) and overall, the mean
    score of each assistant, the relative score mean(ours / reference) x 100 and the count;
@@ -24,10 +25,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 
+from exgra_jax import paths
 from exgra_jax.eval.answering import (
+    SKIPPED,
     AnswersFileError,
     Question,
     id_key,
@@ -53,21 +55,20 @@ FIELDS = ("question_id", "image", "text", "gpt4_answer", "fig_caption", "fig_lab
 def read_questions(path: str) -> list[dict]:
     """The qa50 JSON lines, each checked for the fields the evaluation reads."""
     questions = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            q = json.loads(line)
-            missing = [k for k in FIELDS if k not in q] if isinstance(q, dict) else FIELDS
-            if missing:
-                raise ValueError(f"{path} line {number}: missing {list(missing)}")
-            if q["type"] not in TYPES:
-                raise ValueError(f"{path} line {number}: type {q['type']!r} is not one of "
-                                 f"{TYPES}")
-            if not isinstance(q["domain"], dict):
-                raise ValueError(f"{path} line {number}: domain must be a dict of booleans "
-                                 f"over {DOMAINS}")
-            questions.append(q)
+    for number, line in enumerate(paths.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        q = json.loads(line)
+        missing = [k for k in FIELDS if k not in q] if isinstance(q, dict) else FIELDS
+        if missing:
+            raise ValueError(f"{path} line {number}: missing {list(missing)}")
+        if q["type"] not in TYPES:
+            raise ValueError(f"{path} line {number}: type {q['type']!r} is not one of "
+                             f"{TYPES}")
+        if not isinstance(q["domain"], dict):
+            raise ValueError(f"{path} line {number}: domain must be a dict of booleans "
+                             f"over {DOMAINS}")
+        questions.append(q)
     if not questions:
         raise ValueError(f"{path} holds no questions")
     return questions
@@ -77,7 +78,7 @@ def domain_of(question: dict) -> str | None:
     return next((d for d in DOMAINS if question["domain"].get(d)), None)
 
 
-def paths(out_path: str) -> tuple[str, str]:
+def output_paths(out_path: str) -> tuple[str, str]:
     """(judgments file, summary file) next to the answers file OUT."""
     root = out_path[: -len(".jsonl")] if out_path.endswith(".jsonl") else out_path
     return root + ".judgments.jsonl", root + ".metrics.json"
@@ -91,18 +92,18 @@ def answer_chatbot(config, model, questions: Sequence[dict], image_folder: str, 
     from exgra_jax.data.image import ImageConfig  # noqa: PLC0415
     from exgra_jax.eval.answering import Answerer, answer_questions  # noqa: PLC0415
 
-    asked = [Question(q["question_id"], q["text"], os.path.join(image_folder, q["image"]))
-             for q in questions]
-    missing = [q.image for q in asked if not os.path.isfile(q.image)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[0]}: "
+    asked = [Question(q["question_id"], q["text"], q["image"]) for q in questions]
+    missing = [q.image for q in asked if not paths.exists(paths.join(image_folder, q.image))]
+    if len(missing) == len(asked):
+        raise FileNotFoundError(f"no image found in {image_folder!r}, e.g. {missing[0]}: "
                                 "check --chatbot_images")
     answerer = Answerer(
         model=model, template=template or config.data.template,
         image_config=ImageConfig(model.config.image_size, config.data.image_aspect),
         use_im_start_end=config.data.mm_use_im_start_end,
         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-        bucket=bucket, image_first=config.eval.get("image_first", False))
+        bucket=bucket, image_first=config.eval.get("image_first", False),
+        image_root=image_folder)
 
     def make_record(q: Question, prompt: str, text: str) -> dict:
         return {"question_id": q.id, "prompt": prompt, "text": text,
@@ -145,7 +146,7 @@ def judge_answers(questions: Sequence[dict], answers: dict[str, str], judge: Jud
         raise ValueError("concurrency and parse_attempts must be >= 1")
     known = {id_key(q["question_id"]) for q in questions}
     judged: dict[str, dict] = {}
-    for record in read_answers(judgments_path, repair=True):
+    for record in read_answers(judgments_path):
         key = id_key(record["question_id"])
         if key not in known:
             raise AnswersFileError(f"{judgments_path} judges question_id "
@@ -154,8 +155,7 @@ def judge_answers(questions: Sequence[dict], answers: dict[str, str], judge: Jud
     pending = [q for q in questions if id_key(q["question_id"]) not in judged]
     failures: list[dict] = []
     fatal: JudgeError | None = None
-    with open(judgments_path, "a", encoding="utf-8") as f, \
-            concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         futures = {pool.submit(_judge_one, judge, q, answers[id_key(q["question_id"])],
                                parse_attempts): q for q in pending}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
@@ -173,9 +173,10 @@ def judge_answers(questions: Sequence[dict], answers: dict[str, str], judge: Jud
                 for other in futures:
                     other.cancel()
                 continue
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")  # as it arrives
-            f.flush()
             judged[id_key(q["question_id"])] = record
+            # Stored as it arrives (a whole-file atomic write, as for the answers).
+            paths.write_text(judgments_path, "".join(
+                json.dumps(r, ensure_ascii=False) + "\n" for r in judged.values()))
             if progress is not None:
                 progress(done, len(pending))
     if fatal is not None:
@@ -230,22 +231,27 @@ def run_chatbot(config, model, out_path: str, *, questions_path: str, image_fold
         if not complete:
             log(f"chatbot: {len(answers)}/{len(questions)} answered; rerun to continue")
         return None
-    judgments_path, summary_path = paths(out_path)
+    judgments_path, summary_path = output_paths(out_path)
+    skipped = [{"question_id": a["question_id"], "reason": a[SKIPPED]}
+               for a in answers if SKIPPED in a]
+    to_judge = [q for q, a in zip(questions, answers, strict=True) if SKIPPED not in a]
     judged, failures = judge_answers(
-        questions, {id_key(a["question_id"]): a["text"] for a in answers}, judge,
+        to_judge, {id_key(a["question_id"]): a["text"] for a in answers}, judge,
         judgments_path, concurrency=concurrency, parse_attempts=parse_attempts,
         progress=lambda d, t: log(f"chatbot: judged {d}/{t}"))
     ordered = [judged[k] for k in (id_key(q["question_id"]) for q in questions) if k in judged]
     summary = summarize(ordered)
     result = {"summary": summary, "num_questions": len(questions), "num_judged": len(ordered),
-              "complete": len(ordered) == len(questions), "failures": failures,
+              "complete": len(ordered) == len(to_judge), "failures": failures,
+              "skipped": skipped,
               "model": model.name, "judge_model": judge.model, "answers": out_path,
               "judgments": judgments_path}
-    with open(summary_path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(format_table(summary), flush=True)
+    paths.write_json(summary_path, result, indent=1)
+    log(format_table(summary))
     for failure in failures:
         log(f"chatbot: question {failure['question_id']} not judged: {failure['error']}")
     if failures:
         log(f"chatbot: {len(failures)} questions not judged; rerun to ask the judge again")
+    if skipped:
+        log(f"chatbot: {len(skipped)} questions skipped (their image could not be used)")
     return result

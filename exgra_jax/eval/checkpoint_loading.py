@@ -12,25 +12,27 @@ Two sources:
 
 The training config is taken from ``--config`` when given, else from ``WORKDIR/config.json``
 (written by the trainer), so ``python -m exgra_jax.eval.chat --workdir DIR`` needs nothing else.
+
+The parameters are placed on the config's mesh over every device of every process, sharded
+by its rules exactly as in training: a 7B model is never gathered onto one host or device.
+Local paths and gs:// URLs work alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from exgra_jax import parallel
-from exgra_jax.checkpoint import check_meta, param_shapes
+from exgra_jax import parallel, paths
+from exgra_jax.checkpoint import Checkpointer, check_meta, param_shapes
 from exgra_jax.inference.generate import param_shardings, shard_params
 from exgra_jax.models.config import ModelConfig
+from exgra_jax.workdir import BEST, BEST_DIR, CHECKPOINTS, CONFIG_JSON
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -47,11 +49,10 @@ class EvalModel:
 
 
 def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = paths.join(workdir, CONFIG_JSON)
+    if not paths.exists(path):
         raise FileNotFoundError(f"{path} not found: pass --config (the training config)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(paths.read_json(path))
 
 
 def rules_of(config) -> tuple:
@@ -59,21 +60,15 @@ def rules_of(config) -> tuple:
 
 
 def eval_mesh(config, devices=None) -> Mesh:
-    """The config's mesh over ``devices`` (default: this process's devices).
-
-    Evaluation runs one model replica per process (see ``exgra_jax.eval.answering``), so
-    the mesh spans the local devices; an axis set to -1 fills them.
-    """
+    """The config's (training) mesh over ``devices`` (default: every device of every
+    process); an axis set to -1 fills them."""
     m = config.mesh
-    devices = jax.local_devices() if devices is None else devices
+    devices = jax.devices() if devices is None else devices
     return parallel.make_mesh(dict(data=m.data, fsdp=m.fsdp, tensor=m.tensor), devices=devices)
 
 
 def _model_config(config) -> ModelConfig:
     return ModelConfig.from_dict(config.model.to_dict())
-
-
-BEST = "best"
 
 
 def parse_step(value: str | int | None) -> int | str | None:
@@ -89,14 +84,11 @@ def parse_step(value: str | int | None) -> int | str | None:
 
 def checkpoint_directory(workdir: str, step: int | str | None) -> str:
     """Where ``step`` of ``workdir`` lives: WORKDIR/best for 'best', else WORKDIR/checkpoints."""
-    from exgra_jax.train.selection import BEST_DIR  # noqa: PLC0415
-
-    return os.path.join(workdir, BEST_DIR if step == BEST else "checkpoints")
+    return paths.join(workdir, BEST_DIR if step == BEST else CHECKPOINTS)
 
 
-def _step_to_load(manager: ocp.CheckpointManager, directory: str,
-                  step: int | str | None) -> int:
-    steps = sorted(manager.all_steps())
+def _step_to_load(steps: list[int], directory: str, step: int | str | None) -> int:
+    steps = sorted(steps)
     if step == BEST:
         if not steps:
             raise FileNotFoundError(f"no best checkpoint in {directory}; it is written while "
@@ -115,33 +107,24 @@ def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh, rules,
                          step: int | str | None = None) -> tuple[Any, int]:
     """``params['model']`` of a training checkpoint (``step``: a number, None for the
     newest, or 'best'), sharded on ``mesh``; and its step."""
-    directory = os.path.abspath(checkpoint_directory(workdir, step))
-    if not os.path.isdir(directory):
+    directory = paths.absolute(checkpoint_directory(workdir, step))
+    if not paths.is_dir(directory):
         if step == BEST:
             raise FileNotFoundError(f"{directory} does not exist: no best step was selected "
                                     "(train with config.eval.select_metric set)")
         raise FileNotFoundError(f"{directory} does not exist; is {workdir} a training workdir?")
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()},
-    )
+    ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
-        step = _step_to_load(manager, directory, step)
+        step = _step_to_load(ckpt.all_steps(), directory, step)
         shardings = param_shardings(mcfg, mesh, rules)
         abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 _abstract_params(mcfg), shardings)
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         expected = {"model": mcfg.to_dict(), "param_shapes": param_shapes({"model": abstract})}
-        check_meta(dict(meta["meta"] or {}), expected, f"{directory}/{step}", scope="['model']")
-        target = {"params": {"model": abstract}}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True)))
+        check_meta(ckpt.read_meta(step), expected, f"{directory}/{step}", scope="['model']")
+        params = ckpt.restore_params(step, {"model": abstract})["model"]
     finally:
-        manager.close()
-    return out["state"]["params"]["model"], step
+        ckpt.close()
+    return params, step
 
 
 def _abstract_params(mcfg: ModelConfig):
@@ -151,8 +134,7 @@ def _abstract_params(mcfg: ModelConfig):
 
 
 def _load_tokenizer(path: str, mcfg: ModelConfig):
-    from exgra_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
-    from exgra_jax.train.trainer import check_tokenizer  # noqa: PLC0415
+    from exgra_jax.data.tokenizer import check_tokenizer, load_tokenizer  # noqa: PLC0415
 
     if not path:
         raise ValueError("no tokenizer: set config.tokenizer (a Hugging Face tokenizer dir)")
@@ -178,12 +160,11 @@ def load_for_eval(config, *, workdir: str | None = None, hf_dir: str | None = No
                                        scan_layers=base.scan_layers, remat_policy="none")
         mcfg = mcfg.replace(dtype=base.dtype, param_dtype=base.param_dtype)
         params = shard_params(mcfg, jax.tree.map(np.asarray, host_params), mesh, rules)
-        has_tok = any(os.path.isfile(os.path.join(hf_dir, f)) for f in _TOKENIZER_FILES)
+        has_tok = any(paths.exists(paths.join(hf_dir, f)) for f in _TOKENIZER_FILES)
         tokenizer = _load_tokenizer(hf_dir if has_tok else config.tokenizer, mcfg)
-        return EvalModel(mcfg, params, tokenizer, mesh, rules, None,
-                         os.path.basename(os.path.normpath(hf_dir)))
+        return EvalModel(mcfg, params, tokenizer, mesh, rules, None, paths.basename(hf_dir))
     mcfg = _model_config(config)
     params, step = restore_model_params(workdir, mcfg, mesh, rules, step)
     tokenizer = _load_tokenizer(config.tokenizer, mcfg)
-    name = f"{os.path.basename(os.path.normpath(workdir))}@{step}"
+    name = f"{paths.basename(workdir)}@{step}"
     return EvalModel(mcfg, params, tokenizer, mesh, rules, step, name)

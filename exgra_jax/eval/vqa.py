@@ -13,22 +13,31 @@ template's stop string ('###'), and the answer is the text before it, stripped. 
 greedy (the original sampled at temperature 0.7; greedy makes runs reproducible and
 resumable). Answers are JSON lines ``question_id, prompt, text, answer_id, model_id`` in
 question order, scored by ``exgra_jax.eval.metrics`` (with ``config.eval.candidates`` when
-set); the metrics JSON is written next to the answers and returned.
+set); the metrics JSON is written next to the answers and returned. A question whose image
+cannot be used is skipped (its line says why), left out of the scores, and listed under
+``skipped`` (with ``num_skipped``) in the metrics.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
+from exgra_jax import paths
 from exgra_jax.data.tokenizer import IMAGE_PLACEHOLDER
 from exgra_jax.eval import metrics
-from exgra_jax.eval.answering import Answerer, Question, answer_questions
+from exgra_jax.eval.answering import (
+    SKIPPED,
+    Answerer,
+    Question,
+    answer_questions,
+    id_key,
+    skipped_questions,
+)
 
 
-def read_vqa(json_paths, image_folder: str | None) -> tuple[list[dict], list[Question]]:
-    """Ground-truth records (for scoring) and the questions to ask, in file order."""
+def read_vqa(json_paths) -> tuple[list[dict], list[Question]]:
+    """Ground-truth records (for scoring) and the questions to ask, in file order; image
+    names stay relative to the image folder (read, and checked, when answering)."""
     if not json_paths:
         raise ValueError("no VQA test files: set config.eval.json_paths")
     records: list[dict] = []
@@ -47,13 +56,7 @@ def read_vqa(json_paths, image_folder: str | None) -> tuple[list[dict], list[Que
             raise metrics.ScoringInputError(f"VQA record {record['id']!r}: the question turn "
                                             "has no string 'value'")
         text = first["value"].replace(IMAGE_PLACEHOLDER, "").strip()
-        image = record.get("image") or None
-        if image is not None:
-            image = os.path.join(image_folder, image) if image_folder else image
-            if not os.path.isfile(image):
-                raise FileNotFoundError(f"VQA record {record['id']!r}: image {image} not found "
-                                        "(check config.eval.image_folder)")
-        questions.append(Question(record["id"], text, image))
+        questions.append(Question(record["id"], text, record.get("image") or None))
     return records, questions
 
 
@@ -72,13 +75,14 @@ def run_vqa(config, model, out_path: str, *, template: str | None = None, limit:
 
     from exgra_jax.data.image import ImageConfig  # noqa: PLC0415
 
-    records, questions = read_vqa(tuple(config.eval.json_paths), config.eval.image_folder)
+    records, questions = read_vqa(tuple(config.eval.json_paths))
     answerer = Answerer(
         model=model, template=template or config.data.template,
         image_config=ImageConfig(model.config.image_size, config.data.image_aspect),
         use_im_start_end=config.data.mm_use_im_start_end,
         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-        bucket=bucket, image_first=config.eval.get("image_first", False))
+        bucket=bucket, image_first=config.eval.get("image_first", False),
+        image_root=config.eval.image_folder or None)
 
     def make_record(q: Question, prompt: str, text: str) -> dict:
         # answer_id is derived, not random, so a rerun writes the same bytes.
@@ -96,8 +100,19 @@ def run_vqa(config, model, out_path: str, *, template: str | None = None, limit:
         return None
     candidates = (metrics.read_candidates(config.eval.candidates)
                   if config.eval.candidates else None)
-    result = metrics.score(records, answers, candidates)
-    result.update(num_questions=len(questions), model=model.name, answers=out_path)
-    with open(metrics_path(out_path), "w") as f:
-        json.dump(result, f, indent=1)
+    skipped = skipped_questions(answers)
+    if skipped:
+        log(f"vqa: {len(skipped)} question(s) skipped (unusable images), e.g. "
+            f"{skipped[0]['question_id']!r}: {skipped[0]['reason']}")
+    result = score_answered(records, answers, candidates)
+    result.update(num_questions=len(questions), num_skipped=len(skipped), skipped=skipped,
+                  model=model.name, answers=out_path)
+    paths.write_json(metrics_path(out_path), result, indent=1)
     return result
+
+
+def score_answered(records: list[dict], answers: list[dict], candidates) -> dict[str, Any]:
+    """LLaVA-Med scores over the answered questions (skipped ones left out)."""
+    kept = {id_key(a["question_id"]) for a in answers if SKIPPED not in a}
+    return metrics.score([r for r in records if id_key(r["id"]) in kept],
+                         [a for a in answers if SKIPPED not in a], candidates)

@@ -16,15 +16,23 @@ option by ``difflib`` ratio and reports accuracy per source data set and overall
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
+from exgra_jax import paths
 from exgra_jax.eval import zero_shot_scoring as zs
-from exgra_jax.eval.answering import Answerer, Question, answer_questions
+from exgra_jax.eval.answering import (
+    SKIPPED,
+    Answerer,
+    Question,
+    answer_questions,
+    skipped_questions,
+)
 from exgra_jax.eval.vqa import metrics_path
 
 
-def read_zero_shot(json_paths, image_folder: str | None) -> tuple[list[dict], list[Question]]:
+def read_zero_shot(json_paths) -> tuple[list[dict], list[Question]]:
+    """Question records and the questions to ask; image paths stay relative to the image
+    folder (read, and checked, when answering: an unusable image is a skipped question)."""
     if not json_paths:
         raise ValueError("no zero-shot question files: set config.eval.json_paths")
     records: list[dict] = []
@@ -32,12 +40,8 @@ def read_zero_shot(json_paths, image_folder: str | None) -> tuple[list[dict], li
         records.extend(zs.read_questions(path))
     questions = []
     for record in records:
-        image = os.path.join(image_folder, record["image_path"]) if image_folder \
-            else record["image_path"]
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f"question {record['question_id']!r}: image {image} not "
-                                    "found (check config.eval.image_folder)")
-        questions.append(Question(record["question_id"], zs.build_prompt(record), image))
+        questions.append(Question(record["question_id"], zs.build_prompt(record),
+                                  record["image_path"]))
     return records, questions
 
 
@@ -48,14 +52,15 @@ def run_zero_shot(config, model, out_path: str, *, template: str | None = None,
 
     from exgra_jax.data.image import ImageConfig  # noqa: PLC0415
 
-    records, questions = read_zero_shot(tuple(config.eval.json_paths), config.eval.image_folder)
+    records, questions = read_zero_shot(tuple(config.eval.json_paths))
     by_id = {json.dumps(r["question_id"]): r for r in records}
     answerer = Answerer(
         model=model, template=template or config.data.template,
         image_config=ImageConfig(model.config.image_size, config.data.image_aspect),
         use_im_start_end=config.data.mm_use_im_start_end,
         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-        bucket=bucket, image_first=config.eval.get("image_first", False))
+        bucket=bucket, image_first=config.eval.get("image_first", False),
+        image_root=config.eval.image_folder or None)
 
     def make_record(q: Question, prompt: str, text: str) -> dict:
         return {**by_id[json.dumps(q.id)], "prompt": prompt, zs.GENERATED_FIELD: text,
@@ -70,8 +75,8 @@ def run_zero_shot(config, model, out_path: str, *, template: str | None = None,
         if not complete:
             log(f"zero_shot: {len(answers)}/{len(questions)} answered; rerun to continue")
         return None
-    result = zs.score(answers)
-    result.update(model=model.name, answers=out_path)
-    with open(metrics_path(out_path), "w") as f:
-        json.dump(result, f, indent=1)
+    skipped = skipped_questions(answers)
+    result = zs.score([a for a in answers if SKIPPED not in a])
+    result.update(num_skipped=len(skipped), skipped=skipped, model=model.name, answers=out_path)
+    paths.write_json(metrics_path(out_path), result, indent=1)
     return result

@@ -1,7 +1,13 @@
-"""CLIP ViT vision tower (the vision half of transformers' CLIPVisionModel).
+"""ViT vision towers: CLIP (transformers' CLIPVisionModel) and SigLIP (SiglipVisionModel).
+
+Both share the encoder layer (pre-norm attention and MLP with biases); they differ in the
+embeddings: CLIP prepends a class token and applies a pre-LayerNorm, its patch convolution
+has no bias; SigLIP has neither class token nor pre-LayerNorm, a biased patch convolution,
+and (in the config) gelu_pytorch_tanh and eps 1e-6. The position embedding has one row per
+token, sized from the image size (336 px ViT-L/14: 577 rows).
 
 Returns the hidden states the connector needs, in transformers' indexing: entry 0 is the
-embedding output after the pre-LayerNorm, entry i the output of encoder layer i. Layers
+embedding output (after CLIP's pre-LayerNorm), entry i the output of encoder layer i. Layers
 past the deepest one the connector reads are not computed (LLaVA reads layer -2, so the
 last layer of a ViT-L/14 never runs); their parameters still exist for round trips.
 """
@@ -57,7 +63,8 @@ class VisionLayer(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """pixel_values [b, h, w, 3] (NHWC, normalized) -> list of hidden states [b, 1+p, d]."""
+    """pixel_values [b, h, w, 3] (NHWC, normalized) -> list of hidden states [b, tokens, d]
+    (tokens: 1 + patches for CLIP, patches for SigLIP)."""
 
     config: ModelConfig
 
@@ -76,23 +83,27 @@ class VisionTower(nn.Module):
         # Non-overlapping patches flattened in (row, col, channel) order: a stride-p conv.
         patches = pixel_values.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, g * g, p, p, c)
+        clip = cfg.vision_has_cls
         x = Dense(
             (cfg.vision_width,), (None, None, None, "vision_embed"), in_dims=3,
-            name="patch_embed", dtype=dt, param_dtype=pdt,
+            name="patch_embed", dtype=dt, param_dtype=pdt, use_bias=not clip,
         )(patches)
-        cls = self.param(
-            "class_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                        ("vision_embed",)),
-            (cfg.vision_width,), pdt,
-        )
         pos = self.param(
             "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                       (None, "vision_embed")),
-            (g * g + 1, cfg.vision_width), pdt,
+            (cfg.vision_positions, cfg.vision_width), pdt,
         )
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, cfg.vision_width)), x], 1)
+        if clip:
+            cls = self.param(
+                "class_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                            ("vision_embed",)),
+                (cfg.vision_width,), pdt,
+            )
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, cfg.vision_width)), x],
+                                1)
         x = x + pos.astype(dt)[None]
-        x = LayerNorm(cfg.vision_eps, dt, pdt, name="pre_ln")(x)
+        if clip:
+            x = LayerNorm(cfg.vision_eps, dt, pdt, name="pre_ln")(x)
         x = constrain(x, ACT_AXES)
 
         # At init every layer runs so that all parameters exist; at apply only those needed.
@@ -103,5 +114,5 @@ class VisionTower(nn.Module):
             hidden.append(x)
         if self.is_initializing():
             # Unused by LLaVA (it reads an inner layer), kept for checkpoint round trips.
-            LayerNorm(cfg.vision_eps, dt, pdt, name="post_ln")(x[:, 0])
+            LayerNorm(cfg.vision_eps, dt, pdt, name="post_ln")(x[:, 0] if clip else x)
         return hidden

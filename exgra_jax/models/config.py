@@ -1,7 +1,11 @@
 """Model configuration: one frozen dataclass for the vision tower, connector and LLM.
 
-Hidden-state indices follow transformers' ``hidden_states`` convention for CLIP: index 0
-is the embedding output (after the pre-LayerNorm), index i the output of layer i.
+Hidden-state indices follow transformers' ``hidden_states`` convention: index 0 is the
+embedding output (after CLIP's pre-LayerNorm), index i the output of layer i.
+
+Backbones: the vision tower is CLIP (class token, pre-LayerNorm) or SigLIP (no class
+token); the text model is LLaMA or Mistral, the same decoder (Mistral adds an optional
+sliding attention window), recorded so that exports name the right architecture.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ from typing import Any
 PROJECTORS = ("linear", "mlp2x_gelu", "identity")
 DENSE_CONNECTORS = ("none", "dci", "sci", "sti")
 SELECT_STRATEGIES = ("patch", "cls_patch")
+VISION_TYPES = ("clip", "siglip")
+LLM_TYPES = ("llama", "mistral")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # --- vision tower (CLIP ViT) ---
+    # --- vision tower (CLIP or SigLIP ViT) ---
+    vision_type: str = "clip"
     image_size: int = 224
     patch_size: int = 14
     vision_width: int = 1024
@@ -30,7 +37,8 @@ class ModelConfig:
     # Layer whose hidden states feed the connector; negative counts from the end
     # (-2 = the second-to-last layer, as LLaVA does).
     vision_select_layer: int = -2
-    vision_select_strategy: str = "patch"  # "patch" drops the CLS token, "cls_patch" keeps it
+    # "patch": the patch tokens (CLIP's CLS dropped); "cls_patch" keeps CLIP's CLS token.
+    vision_select_strategy: str = "patch"
 
     # --- connector ---
     projector: str = "mlp2x_gelu"
@@ -43,7 +51,8 @@ class ModelConfig:
     sti_layers: tuple[int, ...] = (7, 15)
     sti_pool: int = 8  # window and stride of the token pooling in STI
 
-    # --- language model (LLaMA) ---
+    # --- language model (LLaMA or Mistral) ---
+    llm_type: str = "llama"
     vocab_size: int = 32004
     hidden_size: int = 4096
     mlp_size: int = 11008
@@ -54,6 +63,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
     max_positions: int = 2048
+    sliding_window: int = 0  # > 0: a token attends to the last `sliding_window` positions
     tie_embeddings: bool = False
 
     # --- multimodal ---
@@ -76,6 +86,13 @@ class ModelConfig:
         _check(
             self.vision_select_strategy in SELECT_STRATEGIES,
             f"vision_select_strategy must be one of {SELECT_STRATEGIES}",
+        )
+        _check(self.vision_type in VISION_TYPES, f"vision_type must be one of {VISION_TYPES}")
+        _check(self.llm_type in LLM_TYPES, f"llm_type must be one of {LLM_TYPES}")
+        _check(self.sliding_window >= 0, "sliding_window must be >= 0 (0: no window)")
+        _check(
+            self.vision_has_cls or self.vision_select_strategy == "patch",
+            "a SigLIP tower has no CLS token: use vision_select_strategy='patch'",
         )
         _check(self.remat_policy in REMAT_POLICIES, f"remat_policy must be one of {REMAT_POLICIES}")
         _check(self.dtype in DTYPES and self.param_dtype in DTYPES, f"dtypes must be in {DTYPES}")
@@ -117,6 +134,16 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def vision_has_cls(self) -> bool:
+        """CLIP prepends a class token to the patches; SigLIP does not."""
+        return self.vision_type == "clip"
+
+    @property
+    def vision_positions(self) -> int:
+        """Rows of the vision position embedding."""
+        return self.num_patches + (1 if self.vision_has_cls else 0)
 
     @property
     def num_patches(self) -> int:
@@ -240,11 +267,16 @@ def _rope_theta(text: dict[str, Any]) -> float:
 
 
 def text_fields_from_hf(text: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig fields from a LlamaConfig dict."""
+    """ModelConfig fields from a LlamaConfig or MistralConfig dict."""
+    llm_type = text.get("model_type") or "llama"
+    if llm_type not in LLM_TYPES:
+        raise ValueError(f"unsupported text model_type {llm_type!r}; supported: {LLM_TYPES}")
     heads = text["num_attention_heads"]
     hidden = text["hidden_size"]
     head_dim = text.get("head_dim") or hidden // heads
     return dict(
+        llm_type=llm_type,
+        sliding_window=int(text.get("sliding_window") or 0) if llm_type == "mistral" else 0,
         vocab_size=text["vocab_size"],
         hidden_size=hidden,
         mlp_size=text["intermediate_size"],
@@ -260,17 +292,27 @@ def text_fields_from_hf(text: dict[str, Any]) -> dict[str, Any]:
 
 
 def vision_fields_from_hf(vision: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig fields from a CLIPVisionConfig dict."""
+    """ModelConfig fields from a CLIPVisionConfig or SiglipVisionConfig dict."""
+    kind = vision.get("model_type") or "clip_vision_model"
+    if kind not in VISION_MODEL_TYPES.values():
+        raise ValueError(f"unsupported vision model_type {kind!r}; supported: "
+                         f"{sorted(VISION_MODEL_TYPES.values())}")
+    siglip = kind == VISION_MODEL_TYPES["siglip"]
     return dict(
+        vision_type="siglip" if siglip else "clip",
         image_size=vision["image_size"],
         patch_size=vision["patch_size"],
         vision_width=vision["hidden_size"],
         vision_layers=vision["num_hidden_layers"],
         vision_heads=vision["num_attention_heads"],
         vision_mlp=vision["intermediate_size"],
-        vision_eps=vision.get("layer_norm_eps", 1e-5),
-        vision_act=vision.get("hidden_act", "quick_gelu"),
+        vision_eps=vision.get("layer_norm_eps", 1e-6 if siglip else 1e-5),
+        vision_act=vision.get("hidden_act", "gelu_pytorch_tanh" if siglip else "quick_gelu"),
     )
+
+
+# transformers' model_type of each vision tower's config.
+VISION_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 
 
 def from_hf(config_dict: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -282,19 +324,25 @@ def from_hf(config_dict: dict[str, Any], **overrides: Any) -> ModelConfig:
             "are read by exgra_jax.convert.hf"
         )
     text, vision = config_dict["text_config"], config_dict["vision_config"]
+    vision_fields = vision_fields_from_hf(vision)
     strategy = config_dict.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}")
+    if vision_fields["vision_type"] == "siglip" and strategy != "full":
+        # 'default' drops the first token, which in SigLIP is a real patch.
+        raise ValueError("a SigLIP tower without a CLS token needs "
+                         "vision_feature_select_strategy 'full'")
     layer = config_dict.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         raise ValueError("a list of vision_feature_layer values is not supported")
     if config_dict.get("projector_hidden_act", "gelu") != "gelu":
         raise ValueError("only the GELU projector (mlp2x_gelu) is supported")
     fields = dict(
-        **vision_fields_from_hf(vision),
+        **vision_fields,
         **text_fields_from_hf(text),
         vision_select_layer=layer,
-        vision_select_strategy="patch" if strategy == "default" else "cls_patch",
+        vision_select_strategy="patch"
+        if strategy == "default" or vision_fields["vision_type"] == "siglip" else "cls_patch",
         projector="mlp2x_gelu",
         projector_bias=config_dict.get("multimodal_projector_bias", True),
         image_token_id=config_dict.get("image_token_index", config_dict.get("image_token_id")),

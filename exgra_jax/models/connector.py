@@ -1,7 +1,7 @@
-"""Connectors from CLIP hidden states to LLM embeddings.
+"""Connectors from vision-tower hidden states to LLM embeddings.
 
-Dense connectors (ExGra-Med's DCI / SCI / STI) combine several CLIP layers before the
-projector; the CLS token is dropped from every layer they read.
+Dense connectors (ExGra-Med's DCI / SCI / STI) combine several tower layers before the
+projector; CLIP's CLS token is dropped from every layer they read (SigLIP has none).
 """
 
 from __future__ import annotations
@@ -16,24 +16,29 @@ from exgra_jax.models.layers import Dense, activation, dtype_of
 
 def select_features(config: ModelConfig, hidden: list[jax.Array]) -> jax.Array:
     """hidden states (transformers indexing) -> [b, tokens, connector_in_dim]."""
+    first_patch = 1 if config.vision_has_cls else 0
+
+    def patches(i):
+        return hidden[i][:, first_patch:]
+
     sel = hidden[config.select_layer_index]
     if config.vision_select_strategy == "patch":
-        sel = sel[:, 1:]
+        sel = sel[:, first_patch:]
     kind = config.dense_connector
     if kind == "none":
         return sel
     if kind == "dci":
         groups = [
-            jnp.mean(jnp.stack([hidden[i][:, 1:] for i in range(lo, hi)]), axis=0)
+            jnp.mean(jnp.stack([patches(i) for i in range(lo, hi)]), axis=0)
             for lo, hi in config.dci_ranges
         ]
         return jnp.concatenate([sel, *groups], axis=-1)
     if kind == "sci":
-        return jnp.concatenate([sel, *[hidden[i][:, 1:] for i in config.sci_layers]], axis=-1)
+        return jnp.concatenate([sel, *[patches(i) for i in config.sci_layers]], axis=-1)
     if kind == "sti":
         pooled = []
         for i in config.sti_layers:
-            h = hidden[i][:, 1:]
+            h = patches(i)
             b, p, d = h.shape
             pooled.append(jnp.mean(h.reshape(b, p // config.sti_pool, config.sti_pool, d), 2))
         return jnp.concatenate([sel, *pooled], axis=1)

@@ -84,6 +84,17 @@ def attention(
     )
 
 
+def sliding_window_mask(q_positions_bt: jax.Array, k_positions_bs: jax.Array,
+                        window: int) -> jax.Array:
+    """[b, t, s]: key s is within the last ``window`` positions of query t (itself included).
+
+    Positions, not array indices, so padding and packed segments do not shift the window
+    (Mistral's rule: q - window < k, combined with the causal mask).
+    """
+    delta = q_positions_bt[:, :, None] - k_positions_bs[:, None, :]
+    return delta < window
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype) -> jax.Array:
     """RMSNorm computed in float32, scaled in the compute dtype (as LLaMA does)."""
     x32 = x.astype(jnp.float32)

@@ -1,4 +1,5 @@
-"""LLaMA decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP.
+"""LLaMA / Mistral decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP,
+and Mistral's sliding attention window when the config sets one.
 
 Layers run under ``nn.scan`` (one compiled layer body, parameters stacked on a leading
 'layers' axis) or unrolled, with a remat policy chosen by name. The decoder takes input
@@ -15,7 +16,15 @@ import jax
 import jax.numpy as jnp
 
 from exgra_jax.models.config import ModelConfig
-from exgra_jax.models.layers import Dense, RMSNorm, attention, constrain, dtype_of, maybe_remat
+from exgra_jax.models.layers import (
+    Dense,
+    RMSNorm,
+    attention,
+    constrain,
+    dtype_of,
+    maybe_remat,
+    sliding_window_mask,
+)
 
 ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -175,6 +184,7 @@ class LlamaModel(nn.Module):
             mask = attention_mask_bt.astype(bool)[:, None, :]  # [b, 1, s]: padded keys
             if segment_ids_bt is not None:
                 mask = mask & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+            key_positions = positions_bt
             layer_caches = None
         else:
             if cache_mask_bs is None or segment_ids_bt is not None:
@@ -184,7 +194,12 @@ class LlamaModel(nn.Module):
             mask = (jnp.arange(s)[None, :] <= q_idx[:, None])[None] & cache_mask_bs.astype(
                 bool
             )[:, None, :]
+            # The cache's valid slots hold consecutive positions (padding excluded).
+            key_positions = positions_from_mask(cache_mask_bs)
             layer_caches = (cache.k, cache.v)
+        if self.config.sliding_window:
+            mask = mask & sliding_window_mask(positions_bt, key_positions,
+                                              self.config.sliding_window)
 
         if self.config.scan_layers:
             x_btd, new = self.layers(x_btd, positions_bt, mask, layer_caches, cache_index)

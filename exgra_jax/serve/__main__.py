@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_app(args: argparse.Namespace):
     """Load the model and return the ASGI app (the engine's worker is running)."""
+    from exgra_jax.config_paths import load_config_file  # noqa: PLC0415
     from exgra_jax.data.image import ImageConfig  # noqa: PLC0415
     from exgra_jax.eval.checkpoint_loading import (  # noqa: PLC0415
         load_for_eval,
@@ -52,7 +53,6 @@ def build_app(args: argparse.Namespace):
     from exgra_jax.serve.app import create_app  # noqa: PLC0415
     from exgra_jax.serve.engine import Engine  # noqa: PLC0415
     from exgra_jax.serve.media import MediaPolicy  # noqa: PLC0415
-    from exgra_jax.train.defaults import load_config_file  # noqa: PLC0415
 
     if args.config:
         config = load_config_file(args.config)
@@ -67,7 +67,8 @@ def build_app(args: argparse.Namespace):
                         max_image_pixels=args.max_image_pixels)
     engine = Engine(model, args.template or config.data.template,
                     ImageConfig(model.config.image_size, config.data.image_aspect),
-                    config.data.mm_use_im_start_end, media, default_max_tokens=args.max_tokens,
+                    config.data.mm_use_im_start_end, config.eval.get("image_first", False),
+                    media, default_max_tokens=args.max_tokens,
                     max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,
                     bucket=args.bucket)
     return create_app(engine, args.model_name or model.name,

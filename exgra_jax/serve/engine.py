@@ -25,13 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from exgra_jax.data.conversation import get_template, image_token_string
+from exgra_jax.data.conversation import ConversationTokenizer
 from exgra_jax.data.image import ImageConfig, ImagePreprocessor
-from exgra_jax.data.tokenizer import special_token_ids
 from exgra_jax.inference import stopping
 from exgra_jax.inference.generate import GenerationConfig, generate, pad_prompts
 from exgra_jax.serve.media import MediaPolicy, decode_image, image_bytes
-from exgra_jax.serve.prompt import chat_prompt
 from exgra_jax.serve.protocol import ApiError, ChatRequest
 
 log = logging.getLogger(__name__)
@@ -83,15 +81,18 @@ def settled_text(text: str, stops: tuple[str, ...]) -> str:
 
 class Engine:
     def __init__(self, model, template: str, image_config: ImageConfig,
-                 use_im_start_end: bool = True, media: MediaPolicy | None = None,
+                 use_im_start_end: bool = True, image_first: bool = False,
+                 media: MediaPolicy | None = None,
                  default_max_tokens: int = 128, max_batch: int = 16, window_s: float = 0.01,
                  bucket: int = 32, max_queue: int = 256):
         self.model = model
-        self.template = get_template(template)
+        # The project's one prompt builder (training, evaluation, chat and this server).
+        self.conv = ConversationTokenizer(model.tokenizer, template,
+                                          model.config.num_image_tokens, use_im_start_end)
+        self.image_first = image_first
         self.images = ImagePreprocessor(image_config)
         self.media = media or MediaPolicy()
-        self.ids = special_token_ids(model.tokenizer)
-        self.image_text = image_token_string(model.config.num_image_tokens, use_im_start_end)
+        self.ids = self.conv.ids
         self.default_max_tokens = default_max_tokens
         self.max_batch, self.window_s, self.bucket = max_batch, window_s, bucket
         self.queue: queue.Queue[Job | None] = queue.Queue(max_queue)
@@ -104,10 +105,8 @@ class Engine:
 
     # ------------------------------------------------------------------------ preparing
     def prompt_ids(self, request: ChatRequest) -> np.ndarray:
-        image_turn = request.image_turn if request.image_url is not None else None
-        text = chat_prompt(self.template, list(request.turns), image_turn, self.image_text)
-        return np.asarray(self.model.tokenizer.backend_tokenizer.encode(
-            text, add_special_tokens=True).ids, np.int32)
+        return self.conv.encode_prompt(self.conv.chat_prompt_text(
+            request.exchanges, request.image_url is not None, self.image_first))
 
     def prepare(self, request: ChatRequest, emit) -> Job:
         """Decode the image and tokenize the prompt; ApiError for what the model cannot
@@ -129,7 +128,7 @@ class Engine:
         gen = GenerationConfig(
             max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
             eos_token_ids=(self.ids["eos"],), pad_token_id=self.ids["pad"],
-            stop_strings=(self.template.stop.strip(), *request.stop))
+            stop_strings=(self.conv.stop_string, *request.stop))
         # A seeded sampled request runs alone: its tokens must not depend on its batch.
         alone = object() if request.seed is not None and temperature > 0 else None
         return Job(ids, pixels, gen, (gen, alone), request.seed, request.stream, emit)

@@ -32,9 +32,8 @@ class ApiError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ChatRequest:
-    turns: tuple[tuple[str, str], ...]  # ('human' | 'gpt', text), ending with 'human'
-    image_url: str | None  # the one image, if any
-    image_turn: int | None  # the index in ``turns`` of the message that carried it
+    exchanges: tuple[tuple[str, str | None], ...]  # (question, answer); the last answer None
+    image_url: str | None  # the one image (in the first user message), if any
     max_tokens: int | None  # None: the server's default
     temperature: float
     top_p: float
@@ -102,11 +101,11 @@ def _content(message: dict, index: int) -> tuple[str, list[str]]:
     return "\n".join(texts), images
 
 
-def _turns(messages: Any) -> tuple[list[tuple[str, str]], str | None, int | None]:
+def _exchanges(messages: Any) -> tuple[list[tuple[str, str | None]], str | None]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    turns: list[tuple[str, str]] = []
-    image_url = image_turn = None
+    texts: list[str] = []
+    image_url = None
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role == "system":
@@ -116,26 +115,26 @@ def _turns(messages: Any) -> tuple[list[tuple[str, str]], str | None, int | None
         if role not in ("user", "assistant"):
             raise ApiError(400, f"messages[{i}].role must be 'user' or 'assistant'",
                            param=f"messages[{i}].role")
-        want = "user" if len(turns) % 2 == 0 else "assistant"
-        if role != want:
+        if role != ("user", "assistant")[len(texts) % 2]:
             raise ApiError(400, "messages must alternate user/assistant, starting with user",
                            param=f"messages[{i}].role")
         text, images = _content(message, i)
-        if images and role != "user":
-            raise ApiError(400, "only user messages can carry images", param=f"messages[{i}]")
-        if images and (image_url is not None or len(images) > 1):
+        if len(images) > 1 or (images and image_url is not None):
             raise ApiError(400, "too many images: the model takes one image per conversation",
                            param=f"messages[{i}].content", code="too_many_images")
-        if images:
-            image_url, image_turn = images[0], len(turns)
+        if images and i > 0:
+            raise ApiError(400, "the image must come with the first user message (the "
+                           "template places it with the first question)",
+                           param=f"messages[{i}].content")
+        image_url = image_url or (images[0] if images else None)
         # A literal "<image>" would not be the image: the server places the image itself.
         text = text.replace(IMAGE_PLACEHOLDER, " ").strip()
         if role == "user" and not text:
             raise ApiError(400, f"messages[{i}] has no text", param=f"messages[{i}].content")
-        turns.append(("human" if role == "user" else "gpt", text))
-    if turns[-1][0] != "human":
+        texts.append(text)
+    if len(texts) % 2 == 0:
         raise ApiError(400, "the last message must come from the user", param="messages")
-    return turns, image_url, image_turn
+    return list(zip(texts[::2], [*texts[1::2], None], strict=True)), image_url
 
 
 def parse_chat_request(body: Any, model_name: str) -> ChatRequest:
@@ -148,7 +147,7 @@ def parse_chat_request(body: Any, model_name: str) -> ChatRequest:
                        code="model_not_found")
     if _number(body, "n", 1, int) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
-    turns, image_url, image_turn = _turns(body.get("messages"))
+    exchanges, image_url = _exchanges(body.get("messages"))
     max_tokens = _number(body, "max_completion_tokens", None, int, 1)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", None, int, 1)
@@ -158,7 +157,7 @@ def parse_chat_request(body: Any, model_name: str) -> ChatRequest:
         raise ApiError(400, "'stream' must be a boolean and 'stream_options' an object",
                        param="stream")
     return ChatRequest(
-        turns=tuple(turns), image_url=image_url, image_turn=image_turn, max_tokens=max_tokens,
+        exchanges=tuple(exchanges), image_url=image_url, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0, low_open=True),
         stop=_stop(body), seed=_number(body, "seed", None, int), stream=stream,

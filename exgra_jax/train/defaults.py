@@ -7,7 +7,6 @@ field can be overridden on the command line as ``--config.a.b=value``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import ml_collections
 
@@ -41,7 +40,9 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
         image_aspect="pad", mm_use_im_start_end=True, seed=0, fraction=1.0,
         max_bad_fraction=0.05, worker_count=0, read_threads=1, shuffle=True,
     ))
-    c.tokenizer = ""  # a local Hugging Face tokenizer directory
+    # A local Hugging Face tokenizer directory; '' with init.source llava_hf/llava_med: the
+    # one saved with those weights (init.hf_dir).
+    c.tokenizer = ""
 
     c.train = ml_collections.ConfigDict(dict(
         seed=0,
@@ -100,9 +101,13 @@ def finetune_vqa_config(tfds_name: str, arg: str | None, *, lr: float, batch: in
                         eval_split: str, eval_every: int) -> ml_collections.ConfigDict:
     """The 7B medical-VQA fine-tuning recipe shared by VQA-RAD, SLAKE and PathVQA: 15 epochs
     of the autoregressive loss on a stage-2 model, CLIP frozen. ``arg`` is
-    'TFDS_DIR,VQA_JSON_DIR' (the builder's data dir and its exported evaluation JSON)."""
+    'TFDS_DIR,VQA_JSON_DIR' (the builder's data dir and its exported evaluation JSON),
+    optionally with ',mini' (``exgra_jax.train.miniature``)."""
     import os  # noqa: PLC0415
 
+    from exgra_jax.train.miniature import shrink, split_arg  # noqa: PLC0415
+
+    arg, mini = split_arg(arg)
     tfds_dir, vqa_json = (arg or f"data/tfds,data/{tfds_name}").split(",")
     c = base_config("llava_med_7b", dtype="bfloat16", param_dtype="float32",
                     remat_policy="full", scan_layers=True)
@@ -112,7 +117,7 @@ def finetune_vqa_config(tfds_name: str, arg: str | None, *, lr: float, batch: in
     c.data.tfds_data_dir = tfds_dir
     c.init.source = "llava_hf"  # a stage-2 result exported with convert_checkpoint to-hf
     c.init.hf_dir = "stage2_hf"
-    c.tokenizer = os.path.join(c.init.hf_dir, "tokenizer")
+    c.tokenizer = ""  # the one to-hf saved with the weights in init.hf_dir
 
     c.alignment.enabled = False  # fine-tuning: the autoregressive loss only
     c.alignment.weight = 0.0
@@ -133,15 +138,4 @@ def finetune_vqa_config(tfds_name: str, arg: str | None, *, lr: float, batch: in
     c.eval.batch_size = 64
 
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    return c
-
-
-def load_config_file(spec: str):
-    """``get_config(arg)`` of ``path[:arg]``, as the ``--config`` flag of launch/*.py reads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("exgra_config_file", path)
-    if module_spec is None or module_spec.loader is None:
-        raise FileNotFoundError(f"cannot load config file {path}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    return shrink(c) if mini else c

@@ -13,23 +13,22 @@ is a readable copy of the record. ``launch/eval.py --step best`` and
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import logging
-import os
 import re
 from typing import Any
 
 import jax
 import numpy as np
 
+from exgra_jax import paths
 from exgra_jax.checkpoint import Checkpointer
+from exgra_jax.eval import metrics
+from exgra_jax.eval.checkpoint_loading import EvalModel, rules_of
+from exgra_jax.eval.vqa import read_vqa, run_vqa
+from exgra_jax.workdir import ANSWERS_DIR, BEST_DIR, BEST_JSON
 
 log = logging.getLogger("exgra_jax.train")
 
-BEST_DIR = "best"
-BEST_JSON = "best.json"
-ANSWERS_DIR = "val_vqa"
 # Scores of exgra_jax.eval.metrics.score that can rank steps (the rest are counts).
 SELECTABLE = ("closed_accuracy", "open_recall", "open_accuracy", "exact_match", "f1",
               "precision", "recall", "bleu")
@@ -65,8 +64,6 @@ def parse_select_metric(expression: str) -> SelectMetric:
 def defined_metric_keys(records, candidates) -> list[str]:
     """The score keys that have a value on these ground-truth records (``open_recall`` needs
     open questions, ``closed_accuracy`` closed ones, ``open_accuracy`` candidates)."""
-    from exgra_jax.eval import metrics  # noqa: PLC0415
-
     blank = [{"question_id": r["id"], "text": ""} for r in records]
     return [k for k, v in metrics.score(records, blank, candidates).items() if v is not None]
 
@@ -76,10 +73,10 @@ class BestCheckpoint:
     """The params of the best step so far (orbax, one step kept) and its score."""
 
     def __init__(self, workdir: str, select: SelectMetric):
-        self.directory = os.path.join(workdir, BEST_DIR)
+        self.directory = paths.join(workdir, BEST_DIR)
         self.select = select
         self.record: dict[str, Any] | None = None
-        if "://" in self.directory or os.path.isdir(self.directory):
+        if paths.is_dir(self.directory):
             ckpt = self._open()
             step = ckpt.latest_step()
             if step is not None:
@@ -115,12 +112,8 @@ class BestCheckpoint:
         return True
 
     def _write_json(self) -> None:
-        if jax.process_index() != 0 or "://" in self.directory:
-            return
-        path = os.path.join(self.directory, BEST_JSON)
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.record, f, indent=1)
-        os.replace(path + ".tmp", path)
+        if jax.process_index() == 0:
+            paths.write_json(paths.join(self.directory, BEST_JSON), self.record, indent=1)
 
     def _open(self) -> Checkpointer:
         # Opened per use: selection happens rarely, and nothing stays open on an error.
@@ -130,14 +123,7 @@ class BestCheckpoint:
 # ============================================================================ the evaluation
 def answers_path(workdir: str, step: int) -> str:
     """The validation answers of ``step`` (scores beside them: ``.metrics.json``)."""
-    return os.path.join(workdir, ANSWERS_DIR, f"step_{step}.jsonl")
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        multihost_utils.sync_global_devices(name)
+    return paths.join(workdir, ANSWERS_DIR, f"step_{step}.jsonl")
 
 
 def _from_process_0(values: np.ndarray) -> np.ndarray:
@@ -162,12 +148,8 @@ class VQASelection:
     """
 
     def __init__(self, config, workdir: str, model_config, tokenizer):
-        from exgra_jax.eval import metrics  # noqa: PLC0415
-        from exgra_jax.eval.checkpoint_loading import eval_mesh, rules_of  # noqa: PLC0415
-        from exgra_jax.eval.vqa import read_vqa  # noqa: PLC0415
-
         self.select = parse_select_metric(config.eval.select_metric)
-        records, _ = read_vqa(tuple(config.eval.json_paths), config.eval.image_folder)
+        records, _ = read_vqa(tuple(config.eval.json_paths))
         candidates = (metrics.read_candidates(config.eval.candidates)
                       if config.eval.candidates else None)
         self.keys = defined_metric_keys(records, candidates)
@@ -179,41 +161,20 @@ class VQASelection:
         self.config, self.workdir = config, workdir
         self.model_config, self.tokenizer = model_config, tokenizer
         self.rules = rules_of(config)
-        # Several processes: each answers its share with a replica on its own devices, as
-        # launch/eval.py does; one process reuses the training mesh and arrays as they are.
-        self.local_mesh = eval_mesh(config) if jax.process_count() > 1 else None
         self.best = BestCheckpoint(workdir, self.select)
-
-    def _eval_model(self, step: int, params, train_mesh):
-        from exgra_jax.eval.checkpoint_loading import EvalModel  # noqa: PLC0415
-        from exgra_jax.inference.generate import shard_params  # noqa: PLC0415
-
-        mesh = train_mesh
-        if self.local_mesh is not None:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
-
-            # Collective: the full weights on every host, then one replica per process.
-            host = multihost_utils.process_allgather(params, tiled=True)
-            mesh = self.local_mesh
-            params = shard_params(self.model_config, host, mesh, self.rules)
-        name = f"{os.path.basename(os.path.normpath(self.workdir))}@{step}"
-        return EvalModel(self.model_config, params, self.tokenizer, mesh, self.rules, step, name)
 
     def evaluate(self, step: int, params: dict, train_mesh, meta: dict) -> dict[str, float]:
         """Scores of ``params`` (the whole training params tree) at ``step``, the select
-        value under ``"select"``; saves them as the best when they are. Collective."""
-        from exgra_jax.eval.vqa import run_vqa  # noqa: PLC0415
-
+        value under ``"select"``; saves them as the best when they are. Collective: every
+        process generates on the training mesh with the parameters sharded as they train
+        (nothing is gathered to a host); process 0 writes and scores the answers."""
         out = answers_path(self.workdir, step)
-        if jax.process_index() == 0:  # a restart re-evaluates a step: answer afresh
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            for stale in [out, *glob.glob(glob.escape(out) + ".part*")]:
-                if os.path.exists(stale):
-                    os.remove(stale)
-        _barrier("exgra_val_vqa_clean")
-        model = self._eval_model(step, params["model"], train_mesh)
+        if jax.process_index() == 0 and paths.exists(out):
+            paths.write_text(out, "")  # a restart re-evaluates a step: answer afresh
+        name = f"{paths.basename(self.workdir)}@{step}"
+        model = EvalModel(self.model_config, params["model"], self.tokenizer, train_mesh,
+                          self.rules, step, name)
         result = run_vqa(self.config, model, out, log=log.debug)
-        del model
         local = np.array([result[k] if result else 0.0 for k in self.keys], np.float64)
         shared = _from_process_0(local)
         scores = {k: float(v) for k, v in zip(self.keys, shared, strict=True)}

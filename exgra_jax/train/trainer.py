@@ -12,9 +12,7 @@ steps and at the end, and keeps the best step's params in ``workdir/best``
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import signal
 import time
 from typing import Any
@@ -24,11 +22,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from exgra_jax import parallel
+from exgra_jax import parallel, paths
 from exgra_jax.alignment.objective import AlignmentConfig, MultiGraphAlignment
 from exgra_jax.checkpoint import Checkpointer, param_shapes
+from exgra_jax.config_paths import (
+    absolutize_config_paths,
+    check_config_paths,
+    default_tokenizer,
+)
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import state as st
@@ -99,14 +101,13 @@ def validate(config, mcfg: ModelConfig, acfg: AlignmentConfig | None, mesh) -> N
                 f"needs more than k={acfg.k}: raise the batch, lower alignment.k, or use "
                 "alignment.graph_scope='global'"
             )
-    for name in ("json_paths",):
-        for p in config.data[name]:
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"data.{name}: {p} does not exist")
-    if config.data.image_folder and not os.path.isdir(config.data.image_folder):
-        raise FileNotFoundError(f"data.image_folder {config.data.image_folder} is not a folder")
-    if config.tokenizer and not os.path.isdir(config.tokenizer):
-        raise FileNotFoundError(f"tokenizer {config.tokenizer} is not a directory")
+    if config.eval.select_metric and not config.eval.json_paths:
+        raise ValueError("eval.select_metric needs a validation set: set eval.json_paths, or "
+                         "--config.eval.select_metric='' to train without best-step selection")
+    if config.eval.json_paths and config.eval.batch_size % jax.process_count():
+        raise ValueError(f"eval.batch_size={config.eval.batch_size} (global) must be divisible "
+                         f"by the {jax.process_count()} processes")
+    check_config_paths(config)
 
 
 # =============================================================================== params
@@ -128,75 +129,114 @@ def abstract_boxed_params(mcfg: ModelConfig, acfg: AlignmentConfig | None, num_g
     return init, jax.eval_shape(init, jax.random.key(0))
 
 
-def initial_params(config, mcfg, init_fn, shardings):
-    """Random parameters, or weights from Hugging Face checkpoints, placed on the mesh."""
-    src = config.init.source
-    rng = jax.random.key(config.train.seed)
-    params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
-    if src == "random":
-        return params
-    if src == "workdir":
-        return params_from_workdir(config.init.workdir, params, shardings)
+def sharded_abstract(abstract: dict, shardings: dict) -> dict:
+    """ShapeDtypeStruct leaves that carry their target sharding (restore targets)."""
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        abstract, shardings)
+
+
+def check_against_abstract(tree, abstract, what: str) -> None:
+    """Refuse a state that differs from the abstract state in structure, shape, dtype or
+    sharding (e.g. bfloat16 master weights from a loader): the first mismatch is named."""
+    got = dict(jax.tree_util.tree_leaves_with_path(tree))
+    want = dict(jax.tree_util.tree_leaves_with_path(abstract))
+    names = {jax.tree_util.keystr(k) for k in got} ^ {jax.tree_util.keystr(k) for k in want}
+    if names:
+        raise ValueError(f"{what}: parameter tree differs from the config's at "
+                         f"{sorted(names)[:5]}")
+    for path, a in want.items():
+        x, name = got[path], jax.tree_util.keystr(path)
+        if tuple(x.shape) != tuple(a.shape) or x.dtype != a.dtype:
+            raise ValueError(f"{what}: {name} is {x.dtype}{list(x.shape)} but the config's "
+                             f"state wants {a.dtype}{list(a.shape)}")
+        sh = getattr(a, "sharding", None)
+        if sh is not None and not x.sharding.is_equivalent_to(sh, x.ndim):
+            raise ValueError(f"{what}: {name} is sharded as {x.sharding} but the config "
+                             f"wants {sh}")
+
+
+def hf_model_params(config, mcfg: ModelConfig) -> dict:
+    """The model's weights from a Hugging Face source, as numpy arrays in ``param_dtype``
+    (fp32 master weights; the compute dtype only shapes activations)."""
     from exgra_jax.convert import hf  # noqa: PLC0415
 
+    src, arrays = config.init.source, mcfg.param_dtype
     over = dict(scan_layers=mcfg.scan_layers, remat_policy=mcfg.remat_policy,
-                dtype=mcfg.dtype, param_dtype=mcfg.param_dtype)
+                param_dtype=mcfg.param_dtype)
     if src == "llava_hf":
-        loaded_cfg, loaded = hf.load_llava(config.init.hf_dir, **over)
+        _, loaded = hf.load_llava(config.init.hf_dir, arrays, **over)
     elif src == "llava_med":
-        loaded_cfg, loaded = hf.load_llava_med(
-            config.init.hf_dir, clip_dir=config.init.clip_dir or None,
+        _, loaded = hf.load_llava_med(
+            config.init.hf_dir, arrays, clip_dir=config.init.clip_dir or None,
             image_token_id=mcfg.image_token_id, dense_connector=mcfg.dense_connector, **over)
     elif src == "clip_llama":
-        loaded_cfg, loaded = hf.load_clip_llama(config.init.clip_dir, config.init.llama_dir,
-                                                vocab_size=mcfg.vocab_size,
-                                                image_token_id=mcfg.image_token_id,
-                                                pad_token_id=mcfg.pad_token_id, **over)
+        _, loaded = hf.load_clip_llama(config.init.clip_dir, config.init.llama_dir, arrays,
+                                       vocab_size=mcfg.vocab_size,
+                                       image_token_id=mcfg.image_token_id,
+                                       pad_token_id=mcfg.pad_token_id, **over)
     else:
         raise ValueError("init.source must be random|llava_hf|llava_med|clip_llama|workdir, "
                          f"got {src!r}")
-    if param_shapes(loaded) != param_shapes(params["model"]):
-        raise ValueError(f"weights from {src} do not fit model config: {loaded_cfg} vs {mcfg}")
-    params = dict(params)
-    params["model"] = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), loaded,
-                                   shardings["model"])
+    return loaded
+
+
+def initial_params(config, mcfg, init_fn, abstract: dict) -> dict:
+    """Random parameters, or weights from Hugging Face checkpoints or another workdir,
+    created directly in the abstract state's dtype and sharding (``abstract``: sharded
+    ShapeDtypeStructs) and checked against it."""
+    src = config.init.source
+    rng = jax.random.key(config.train.seed)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+
+    def fresh(keys) -> dict:  # random init of some top-level parts (XLA drops the rest)
+        keys = tuple(k for k in abstract if k in keys)
+        if not keys:
+            return {}
+        return jax.jit(lambda r: {k: nn.unbox(init_fn(r))[k] for k in keys},
+                       out_shardings={k: shardings[k] for k in keys})(rng)
+
+    if src == "random":
+        params = fresh(tuple(abstract))
+    elif src == "workdir":
+        restored = params_from_workdir(config.init.workdir, abstract)
+        params = {**fresh(tuple(k for k in abstract if k not in restored)), **restored}
+    else:
+        loaded = hf_model_params(config, mcfg)
+        if param_shapes(loaded) != param_shapes(abstract["model"]):
+            raise ValueError(f"weights from init.source={src} do not fit the model config "
+                             f"{mcfg}")
+        model = jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
+                             loaded, abstract["model"])
+        params = {**fresh(tuple(k for k in abstract if k != "model")), "model": model}
+    params = {k: params[k] for k in abstract}
+    check_against_abstract(params, abstract, f"initial parameters (init.source={src})")
     return params
 
 
-def params_from_workdir(workdir: str, like: dict, shardings: dict) -> dict:
+def params_from_workdir(workdir: str, abstract: dict) -> dict:
     """The params of another run's newest checkpoint (e.g. stage 1 -> stage 2, or
-    pre-training -> fine-tuning); parts it lacks (a new alignment GNN) keep ``like``."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    pre-training -> fine-tuning), restored into ``abstract`` (sharded ShapeDtypeStructs);
+    returns only the top-level parts the checkpoint has (a new alignment GNN is left out)."""
+    ckpt = Checkpointer(paths.join(workdir, "checkpoints"), async_save=False)
     step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"init.workdir {workdir} has no checkpoint")
     meta = ckpt.read_meta(step)
     saved = {k: list(v) for k, v in meta.get("param_shapes", {}).items()}
-    target = {k: v for k, v in param_shapes(like).items()}
-    common = [k for k in ("model", "alignment") if k in like
+    target = param_shapes(abstract)
+    common = [k for k in ("model", "alignment") if k in abstract
               and any(p.startswith(f"['{k}']") for p in saved)]
     for key in common:
         mine = {p: s for p, s in target.items() if p.startswith(f"['{key}']")}
         theirs = {p: s for p, s in saved.items() if p.startswith(f"['{key}']")}
         if mine != theirs:
-            diff = sorted(set(mine.items()) ^ set(theirs.items()))[:5]
+            diff = sorted(set(map(str, mine.items())) ^ set(map(str, theirs.items())))[:5]
             raise ValueError(f"init.workdir {workdir} step {step}: {key} params differ from "
                              f"this config's: {diff}")
-    abstract = {k: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                like[k], shardings[k]) for k in common}
-    # The state item is a plain PyTree checkpoint: read just the params, partially.
-    item = {"params": abstract}
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state"),
-        args=ocp.args.PyTreeRestore(
-            item, restore_args=jax.tree.map(
-                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item),
-            partial_restore=True))
+    restored = ckpt.restore_params(step, {k: abstract[k] for k in common})
     ckpt.close()
-    out = dict(like)
-    out.update(restored["params"])
     log.info("initialised %s from %s step %d", common, workdir, step)
-    return out
+    return restored
 
 
 # =============================================================================== metrics
@@ -209,7 +249,7 @@ class MetricWriter:
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self.tb = SummaryWriter(paths.join(workdir, "tb"))
         self.t0 = time.time()
         self.first_step = None
 
@@ -339,10 +379,13 @@ def build(config, total_steps: int, devices=None) -> Run:
 
 
 def init_train_state(run: Run) -> dict:
-    params = initial_params(run.config, run.model, run.init_fn, run.state_sharding["params"])
+    abstract = sharded_abstract(run.abstract_state, run.state_sharding)
+    params = initial_params(run.config, run.model, run.init_fn, abstract["params"])
     init = jax.jit(lambda p: st.init_state(p, run.mask, run.optimizer),
                    out_shardings=run.state_sharding)
-    return init(params)
+    state = init(params)
+    check_against_abstract(state, abstract, "initial train state")
+    return state
 
 
 def run_meta(run: Run) -> dict:
@@ -351,27 +394,41 @@ def run_meta(run: Run) -> dict:
 
 
 # =============================================================================== loop
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
+class _Interruption:
+    """SIGTERM (preemption) and a first SIGINT (Ctrl-C) set a flag: the loop saves the
+    current step and exits at the next step boundary. A second SIGINT aborts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        if signum == signal.SIGINT and self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        more = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        print(f"{name} received: saving a checkpoint at the next step and stopping{more}",
+              flush=True)
         self.requested = True
 
-    def agreed(self, ckpt: Checkpointer, step: int) -> bool:
+    def agreed(self, ckpt: Checkpointer, step: int, sync: bool) -> bool:
+        """Whether to stop now. Several processes must agree: their flags are combined at
+        ``sync`` steps only (an all-gather every step would stall the pipeline)."""
         flag = self.requested
         if jax.process_count() > 1:
+            if not sync:
+                return False
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
             flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
         return flag or ckpt.manager.reached_preemption(step)
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def evaluate_lm(run: Run, params, tokenizer, max_batches: int = 0) -> dict[str, float]:
@@ -392,12 +449,65 @@ def evaluate_lm(run: Run, params, tokenizer, max_batches: int = 0) -> dict[str, 
     return {"lm_loss": nll / max(tokens, 1.0), "tokens": tokens}
 
 
+def _finished_metrics(workdir: str, step: int) -> dict[str, Any] | None:
+    """The metrics a finished run wrote, so rerunning it reports them (not an empty step)."""
+    path = paths.join(workdir, FINAL_METRICS)
+    if paths.exists(path):
+        saved = paths.read_json(path)
+        if saved.get("step") == step:
+            return saved
+    return None
+
+
+FINAL_METRICS = "final_metrics.json"
+
+
+def startup_summary(run: Run, *, workdir: str, records: int, total: int, start: int,
+                    source_report=None) -> str:
+    """The few facts a user checks first, in one block."""
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    params = run.abstract_state["params"]
+    trainable = sum(int(np.prod(x.shape)) for x, m in
+                    zip(jax.tree.leaves(params), jax.tree.leaves(run.mask)) if m)
+    bad = source_report.num_bad if source_report is not None else 0
+    m = run.mesh
+    lines = [
+        f"model       {count(params) / 1e6:,.1f}M parameters, {trainable / 1e6:,.1f}M trainable"
+        f" ({run.model.param_dtype} master weights, {run.model.dtype} compute)",
+        f"data        {records:,} records ({bad} bad at start-up), "
+        f"global batch {run.config.train.global_batch_size}",
+        f"steps       {total:,} total; "
+        + (f"resumed from step {start}" if start else
+           f"starting from init.source={run.config.init.source}"),
+        f"mesh        {dict(m.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+        f"devices, {jax.process_count()} process(es)",
+        f"alignment   {'off' if run.alignment is None else run.alignment.solver}",
+        f"outputs     {workdir} (config.json, checkpoints/, tb/, {FINAL_METRICS})",
+    ]
+    return "\n".join("  " + line for line in lines)
+
+
+def _print0(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
+def _write_config(config, workdir: str) -> None:
+    """The resolved config (absolute paths) as WORKDIR/config.json, for every later tool."""
+    if jax.process_index() == 0:
+        paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Train per ``config`` in ``workdir``; returns the last metrics."""
     from exgra_jax.data.pipeline import make_source, make_train_iterator  # noqa: PLC0415
-    from exgra_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
+    from exgra_jax.data.tokenizer import check_tokenizer, load_tokenizer  # noqa: PLC0415
 
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.absolute(workdir)
+    default_tokenizer(config)
+    check_config_paths(config)  # before anything is read, loaded or compiled
+    absolutize_config_paths(config)
+    paths.makedirs(workdir)
     mcfg = model_config(config)
     tokenizer = load_tokenizer(config.tokenizer)
     check_tokenizer(tokenizer, mcfg)
@@ -412,87 +522,101 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     total = config.train.total_steps or max(
         1, int(config.train.num_epochs * len(source) // config.train.global_batch_size))
     run = build(config, total)
-    train_iter = make_train_iterator(dcfg, tokenizer, source=source)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+    ckpt = Checkpointer(paths.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
                         async_save=config.train.async_checkpoint)
-    meta = run_meta(run)
     start = ckpt.latest_step()
+    if start is not None and start >= total:
+        done = _finished_metrics(workdir, start)
+        if done is not None:
+            ckpt.close()
+            print(f"{workdir} already finished at step {start}; its final metrics:", flush=True)
+            return done
+    train_iter = make_train_iterator(dcfg, tokenizer, source=source)
+    meta = run_meta(run)
     if start is not None:
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            run.abstract_state, run.state_sharding)
+        abstract = sharded_abstract(run.abstract_state, run.state_sharding)
         state = ckpt.restore(start, abstract, train_iter, expect_meta=meta)
-        log.info("resumed from step %d", start)
+        check_against_abstract(state, abstract, f"checkpoint of step {start}")
     else:
         state = init_train_state(run)
         start = 0
-        if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
+        _write_config(config, workdir)
+    _print0("exgra-jax training\n" + startup_summary(
+        run, workdir=workdir, records=len(source), total=total, start=start,
+        source_report=getattr(source, "report", None)))
     writer = MetricWriter(workdir, total)
-    preempt = _Preemption()
+    interrupt = _Interruption()
     t = config.train
     n_dev = jax.device_count()
     flops = flops_per_step(run.model, t.global_batch_size, config.data.max_len,
                            text_branch_tokens(config, run))
     last: dict[str, Any] = {}
     step = start
+
+    def evaluate(step: int, params) -> dict[str, Any]:
+        """The evaluations due at ``step``: LM loss on the eval set, validation VQA."""
+        out: dict[str, Any] = {}
+        if config.eval.json_paths:
+            lm = evaluate_lm(run, params, tokenizer, t.eval_batches)
+            writer.write(step, lm, "eval")
+            if step == total:
+                out["eval"] = lm
+        if selection is not None:
+            out["val_vqa"] = selection.evaluate(step, params, run.mesh, meta)
+            writer.write(step, out["val_vqa"], "val_vqa")
+        return out
+
     stop_at = min(total, start + t.stop_after_steps) if t.stop_after_steps else total
     # Steps are dispatched asynchronously: time whole logging intervals, not single calls.
     t_last, s_last = time.time(), step
     try:
         while step < stop_at:
             host = next(train_iter)
+            if step == start:
+                _print0("compiling the train step...")
+                t_compile = time.time()
             state, metrics = run.train_step(state, parallel.make_global_batch(host, run.mesh))
             step += 1
-            if step % t.log_every == 0 or step == stop_at:
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                _print0(f"compiled and ran the first step in {time.time() - t_compile:.1f} s")
+                t_last, s_last = time.time(), step
+            log_now = step % t.log_every == 0 or step == stop_at
+            if log_now:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                dt = (now - t_last) / (step - s_last)
-                t_last, s_last = now, step
-                metrics.update(step_time=dt, tokens_per_s=metrics["tokens"] / dt)
-                if t.peak_flops_per_device:
-                    metrics["mfu"] = flops / dt / (t.peak_flops_per_device * n_dev)
+                if step > s_last:  # timed over the interval since the last log line
+                    now = time.time()
+                    dt = (now - t_last) / (step - s_last)
+                    t_last, s_last = now, step
+                    metrics.update(step_time=dt, tokens_per_s=metrics["tokens"] / dt)
+                    if t.peak_flops_per_device:
+                        metrics["mfu"] = flops / dt / (t.peak_flops_per_device * n_dev)
                 writer.write(step, metrics)
                 last = metrics
-            evaluate_now = bool(t.eval_every and step % t.eval_every == 0) or step == total
-            if evaluate_now and config.eval.json_paths:
-                lm = evaluate_lm(run, state["params"], tokenizer, t.eval_batches)
-                writer.write(step, lm, "eval")
-                if step == total:
-                    last["eval"] = lm
-            if evaluate_now and selection is not None:
-                last["val_vqa"] = selection.evaluate(step, state["params"], run.mesh, meta)
-                writer.write(step, last["val_vqa"], "val_vqa")
-            if preempt.agreed(ckpt, step):
+            if interrupt.agreed(ckpt, step, sync=log_now):
                 ckpt.save(step, state, train_iter, meta, force=True)
                 ckpt.wait()
-                log.warning("checkpoint of step %d saved after SIGTERM; exiting", step)
+                print(f"checkpoint of step {step} saved in {ckpt.directory}; rerun the same "
+                      "command to resume", flush=True)
                 return {"preempted_at": step, **last}
-            if step % t.checkpoint_every == 0 or step == stop_at:
-                ckpt.save(step, state, train_iter, meta, force=step == stop_at)
+            evaluate_now = bool(t.eval_every and step % t.eval_every == 0) or step == total
+            # Save before evaluating: an evaluation failure must never cost training.
+            if step % t.checkpoint_every == 0 or step == stop_at or evaluate_now:
+                ckpt.save(step, state, train_iter, meta, force=step == stop_at or evaluate_now)
+            if evaluate_now:
+                ckpt.wait()
+                last.update(evaluate(step, state["params"]))
+        if start == total:  # a rerun after training ended but its evaluation did not
+            last.update(evaluate(step, state["params"]))
     finally:
         ckpt.close()
         if selection is not None:
             last["best"] = selection.best.record
         writer.close()
-        preempt.restore()
+        interrupt.restore()
         train_iter.close()
+    result = {"step": step, **last}
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump({"step": step, **{k: v for k, v in last.items()}}, f, indent=1,
-                      default=float)
-    return {"step": step, **last}
-
-
-def check_tokenizer(tokenizer, mcfg: ModelConfig) -> None:
-    from exgra_jax.data.tokenizer import special_token_ids  # noqa: PLC0415
-
-    ids = special_token_ids(tokenizer)
-    if ids["image_patch"] != mcfg.image_token_id:
-        raise ValueError(f"the tokenizer's <im_patch> id is {ids['image_patch']} but "
-                         f"model.image_token_id is {mcfg.image_token_id}")
-    if len(tokenizer) > mcfg.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
-                         f"{mcfg.vocab_size}")
+        paths.write_json(paths.join(workdir, FINAL_METRICS), result, indent=1, default=float)
+    return result

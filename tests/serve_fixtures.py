@@ -12,10 +12,9 @@ import urllib.error
 import urllib.request
 
 import jax
-import numpy as np
 import uvicorn
 
-from exgra_jax.inference.generate import GenerationConfig, generate
+from exgra_jax.inference.generate import GenerationConfig, generate, pad_prompts
 
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
@@ -40,14 +39,26 @@ def llava_v0_prompt(exchanges: list[tuple[str, str]], question: str, block: str 
 
 
 def reference_answer(model, prompt: str, pixels, max_new_tokens: int) -> tuple[str, int]:
-    """``generate`` on one unpadded prompt, without a mesh: (answer, prompt tokens)."""
+    """``generate`` on one prompt alone, without a mesh: (answer, prompt tokens). The prompt
+    is left-padded to a multiple of 64 only so that few programs compile (padding does not
+    change a row's tokens)."""
     tok = model.tokenizer
-    ids = np.asarray(tok(prompt).input_ids, np.int32)[None]
+    ids = tok(prompt).input_ids
+    ids, mask = pad_prompts([ids], tok.pad_token_id, length=-(-len(ids) // 64) * 64)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=(tok.eos_token_id,),
                            pad_token_id=tok.pad_token_id, stop_strings=("###",))
-    out = generate(model.config, jax.device_get(model.params), ids, np.ones_like(ids),
+    out = generate(model.config, _host_params(model), ids, mask,
                    None if pixels is None else pixels[None], config=gen, tokenizer=tok)
-    return out.texts[0].strip(), ids.shape[1]
+    return out.texts[0].strip(), int(mask.sum())
+
+
+_HOST_PARAMS: dict[int, object] = {}
+
+
+def _host_params(model):
+    if id(model) not in _HOST_PARAMS:
+        _HOST_PARAMS[id(model)] = jax.device_get(model.params)
+    return _HOST_PARAMS[id(model)]
 
 
 def data_url(path: str, media_type: str = "image/png") -> str:

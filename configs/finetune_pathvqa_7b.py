@@ -12,6 +12,8 @@ questions) at the usual batch, the middle of the 2e-5..4e-5 range. The exported
 ``train.json`` can replace TFDS (``--config.data.tfds_name= --config.data.json_paths=...``).
 Best step: its params are kept in ``DIR/best`` (``best.json`` has its scores); evaluate or
 export them with ``launch/eval.py --step best`` / ``convert_checkpoint.py to-hf --step best``.
+Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU sizes
+(``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
 from exgra_jax.train.defaults import finetune_vqa_config

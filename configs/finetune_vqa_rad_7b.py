@@ -14,6 +14,8 @@ lr 2e-5: the smallest training set of the three (about 1.8k questions) takes the
 Weights: a stage-2 result exported with ``tools/convert_checkpoint.py to-hf``.
 Best step: its params are kept in ``DIR/best`` (``best.json`` has its scores); evaluate or
 export them with ``launch/eval.py --step best`` / ``convert_checkpoint.py to-hf --step best``.
+Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU sizes
+(``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
 from exgra_jax.train.defaults import finetune_vqa_config

@@ -10,6 +10,8 @@ directly, e.g. ``--config.data.json_paths=/x/a.json --config.data.image_folder=/
 Initial weights: CLIP ViT-L/14 and Vicuna/LLaMA-7B (init.source='clip_llama'), with the
 LLaVA-Med v1 vocabulary: [PAD]=32000, <im_patch>=32001, <im_start>=32002, <im_end>=32003.
 Data-efficiency runs: ``--config.data.fraction=0.1``.
+Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU sizes
+(``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
 import os

@@ -17,6 +17,8 @@ remat of each decoder layer. The alignment graph spans the whole (micro-)batch
 per chip) as shipped: fsdp=64, one example per chip, 5.3 GiB peak per chip in the AOT
 compile (docs/aot_compile.md). The batch must split over data x fsdp, so on more than 64
 chips keep 64 batch shards, e.g. v5e-256 with ``--config.mesh.tensor=4``.
+Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU sizes
+(``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
 import os

@@ -10,6 +10,8 @@ name images relative to it. Each question becomes a prompt listing its 2-4 optio
 accuracy is reported per source data set and overall. The weights are read from
 ``init.hf_dir`` (llava-hf layout; ``--config.init.source=llava_med`` for the LLaVA-Med v1 /
 ExGra-Med release layout) unless DIR holds a training checkpoint.
+Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU sizes
+(``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
 import os

@@ -1,5 +1,6 @@
 """tools/aot_compile.py: the real train step of a tiny config compiled by libtpu for a
-4-chip v5e slice on this CPU machine; the figures are positive and add up."""
+4-chip v5e slice on this CPU machine; its memory figures agree with what the architecture
+and the sharding imply, its FLOPs with the analytic count."""
 
 from __future__ import annotations
 
@@ -43,6 +44,27 @@ def tiny_stage2(batch=8, micro_batches=2):
     return c
 
 
+def parameter_count(c) -> tuple[int, int]:
+    """(all parameters, trainable ones) of ``c``, counted from the architecture: the CLIP
+    ViT (patch conv without bias, class and position embeddings, pre and post LayerNorm;
+    per layer two LayerNorms, four biased attention projections, a biased two-layer MLP),
+    the mlp2x_gelu projector, LLaMA (untied embedding and head, bias-free grouped-query
+    attention and SwiGLU, two RMSNorms per layer and a final one) and the alignment GNN (per
+    GraphConv layer a root and a neighbour kernel and a bias). The vision tower is frozen."""
+    m = c.model
+    w, f, d = m.vision_width, m.vision_mlp, m.hidden_size
+    q = m.num_heads * (d // m.num_heads)
+    kv = m.num_kv_heads * (d // m.num_heads)
+    patches = (m.image_size // m.patch_size) ** 2
+    vision = (3 * m.patch_size ** 2 * w + w + (patches + 1) * w + 2 * 2 * w
+              + m.vision_layers * (2 * 2 * w + 4 * (w * w + w) + (w * f + f) + (f * w + w)))
+    projector = (w * d + d) + (d * d + d)
+    llm = 2 * m.vocab_size * d + d + m.num_layers * (
+        2 * d * q + 2 * d * kv + 3 * d * m.mlp_size + 2 * d)
+    gnn = c.alignment.gnn_layers * (2 * d * d + d)
+    return vision + projector + llm + gnn, projector + llm + gnn
+
+
 @pytest.fixture(scope="module")
 def figures():
     return aot.run_topologies(tiny_stage2(), ["v5e-4"], total_steps=10, log=lambda s: None)
@@ -55,15 +77,26 @@ def test_compiles_for_v5e_4_with_consistent_memory(figures):
     assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert r["alignment"] and r["remat"] == "full" and r["micro_batches"] == 2
     assert r["per_device_batch"] == 1
+    total, trainable = parameter_count(tiny_stage2())
+    # float32 master weights, although the step computes in bfloat16.
+    assert r["params_bytes"] == 4 * total
+    # The state (the weights and Adam's two float32 moments of the trainable ones) is split
+    # over the 4 fsdp devices: a quarter each, plus the few vectors too short to split
+    # (measured 1.07x; replicated it would be 4x).
+    state_share = 4 * (total + 2 * trainable) / r["devices"]
+    assert state_share <= r["state_bytes_per_device"] <= 1.15 * state_share
+    params_share = 4 * total / r["devices"]
+    assert params_share <= r["params_bytes_per_device"] <= 1.15 * params_share
     # Arguments hold the device's shard of the state and batch (TPU tiles pad small arrays).
-    assert r["params_bytes_per_device"] >= r["params_bytes"] / 4
     assert r["argument_bytes"] >= r["state_bytes_per_device"] + r["batch_bytes_per_device"]
-    assert r["argument_bytes"] >= r["params_bytes"] / r["devices"]
-    # The state is donated: outputs reuse its buffers.
-    assert 0 < r["alias_bytes"] <= min(r["argument_bytes"], r["output_bytes"])
+    # The state is donated: outputs reuse all of its buffers.
+    assert r["state_bytes_per_device"] <= r["alias_bytes"] <= min(r["argument_bytes"],
+                                                                  r["output_bytes"])
     assert r["temp_bytes"] > 0 and r["code_bytes"] > 0
-    assert r["peak_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
-                               + r["temp_bytes"] + r["code_bytes"])
+    # The peak holds the arguments, the temporaries and the code at once; outputs written
+    # into donated buffers are not counted twice.
+    resident = r["argument_bytes"] + r["temp_bytes"] + r["code_bytes"]
+    assert resident <= r["peak_bytes"] < resident + r["output_bytes"]
     assert r["hbm_bytes"] == 16 * 1024**3 and r["fits"]
 
 

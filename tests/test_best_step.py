@@ -296,21 +296,39 @@ def test_two_processes_select_and_launch_eval_loads_the_best(data, tmp_path):
     config = finetune_config(data["data"], data["val"], total_steps=4)
     workdir = str(tmp_path / "multi")
     start_from_random_weights(config, workdir)
+    single = str(tmp_path / "single")
+    start_from_random_weights(config, single)
     port = _free_port()
     env = dict(subprocess_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     env["PYTHONPATH"] = os.path.join(REPO, "tests") + os.pathsep + env["PYTHONPATH"]
+    cmd = [sys.executable, "launch/train.py",
+           f"--config=tests/best_step_config.py:{data['data']},{data['val']}",
+           "--config.train.total_steps=4"]
+    # Each process has its own scratch directory; only the checkpoints are shared (orbax
+    # writes every process's shards there, e.g. on gs://). Evaluation files are process 0's.
+    for i in range(2):
+        os.makedirs(tmp_path / f"scratch{i}")
     procs = [subprocess.Popen(
-        [sys.executable, "launch/train.py",
-         f"--config=tests/best_step_config.py:{data['data']},{data['val']}",
-         f"--workdir={workdir}", "--config.train.total_steps=4",
+        [*cmd, f"--workdir={workdir}",
          f"--config.distributed.coordinator_address=127.0.0.1:{port}",
          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=dict(env, TMPDIR=str(tmp_path / f"scratch{i}")), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
+    # The same run as one process over the same 4 devices: the same answers and choice.
+    one = subprocess.run([*cmd, f"--workdir={single}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=900,
+                         env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert tb_scalars(single, "val_vqa/select") == tb_scalars(workdir, "val_vqa/select")
+    assert best_record(single)["step"] == best_record(workdir)["step"]
+    for step in (2, 4):
+        assert (metrics.read_predictions(selection.answers_path(single, step))
+                == metrics.read_predictions(selection.answers_path(workdir, step)))
 
     logged = tb_scalars(workdir, "val_vqa/select")
     assert sorted(logged) == [2, 4]

@@ -220,7 +220,9 @@ def test_alignment_graph_too_small_for_knn():
 
 
 def test_placeholder_data_paths_are_reported(tmp_path):
+    from exgra_jax.config_paths import ConfigPathError, check_config_paths
+
     c = load("stage2_7b", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"data\.json_paths: .*does not exist"):
-        trainer.validate(c, trainer.model_config(c), trainer.alignment_config(c),
-                         mesh_of(fsdp=8))
+    with pytest.raises(ConfigPathError, match=r"config\.data\.json_paths\[0\] = .*does not "
+                                              r"exist(.|\n)*config\.init\.hf_dir = "):
+        check_config_paths(c)

@@ -242,3 +242,59 @@ def test_config_errors(data):
         ExampleProcessor(small_config(directory, path, max_len=8, num_image_tokens=4), tok)
     with pytest.raises(ValueError, match="process_index"):
         make_train_iterator(small_config(directory, path), tok, 2, 2)
+
+
+def test_opening_a_source_touches_no_image_file(tmp_path, data):
+    directory, path, tok = data
+    # An image folder that does not exist: opening still succeeds (no per-image checks at
+    # start-up); every record then fails when read, and the pipeline stops, naming them.
+    src = JsonSource(path, str(tmp_path / "no_such_folder"))
+    assert len(src) == N and src.report.num_bad == 0
+    cfg = small_config(directory, path, image_folder=str(tmp_path / "no_such_folder"),
+                       num_epochs=1, batch_size=2, min_seen_before_check=4)
+    with pytest.raises(BadDataError, match=r"image file not found: .*no_such_folder"):
+        _drain(make_train_iterator(cfg, tok, 0, 1), 3)
+
+
+def _escaping_dataset(directory):
+    """Records 0-1: missing images; 2-4: names leading outside the image folder."""
+    path = write_dataset(directory, N)
+    images = os.path.join(directory, "images")
+    with open(path) as f:
+        records = json.load(f)
+    for i in (0, 1):
+        os.remove(os.path.join(images, records[i]["image"]))
+    outside = os.path.join(directory, "outside.png")
+    os.replace(os.path.join(images, records[2]["image"]), outside)
+    os.symlink(outside, os.path.join(images, "link.png"))
+    records[2]["image"] = "../outside.png"
+    records[3]["image"] = outside  # absolute
+    records[4]["image"] = "link.png"  # a symlink out of the folder
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path, {records[i]["id"] for i in (0, 1)}, {records[i]["id"] for i in (2, 3, 4)}
+
+
+def test_missing_and_escaping_images_are_counted_skips(tmp_path, data):
+    _, _, tok = data
+    directory = str(tmp_path)
+    path, missing, escaping = _escaping_dataset(directory)
+    cfg = small_config(directory, path, num_epochs=1, batch_size=2, shuffle=False,
+                       max_bad_fraction=0.3)
+    it = make_train_iterator(cfg, tok, 0, 1)
+    batches = _drain(it)
+    assert it.source_report.num_bad == 0  # nothing was checked at start-up
+    assert it.stats["skipped"] == 5 and it.stats["examples"] == 2 * len(batches) == N - 5 - 1
+    reasons = dict(it.bad_records)
+    assert set(reasons) == missing | escaping
+    for record_id in missing:
+        assert "image file not found" in reasons[record_id]
+    for record_id in escaping:
+        assert "outside the image folder" in reasons[record_id]
+    # With the flag, the three escaping names are read (the same picture for each).
+    allowed = cfg.replace(allow_outside_image_folder=True)
+    it = make_train_iterator(allowed, tok, 0, 1)
+    batches = _drain(it)
+    assert dict(it.bad_records).keys() == missing and it.stats["skipped"] == 2
+    first = batches[0]["pixel_values"]  # rows 0-1 are records 2 and 3: the outside image
+    np.testing.assert_array_equal(first[0], first[1])

@@ -192,18 +192,19 @@ def vqa_rad(tmp_path_factory):
     from test_data_tfds import make_vqa_rad
 
     root = tmp_path_factory.mktemp("vqa_rad")
-    make_vqa_rad(str(root / "raw"))
+    images = make_vqa_rad(str(root / "raw"))
     run("-m", "exgra_jax.data.tfds.prepare", "vqa_rad", "--manual-dir", str(root / "raw"),
         "--data-dir", str(root / "tfds"), "--export-dir", str(root / "json"))
-    return str(root / "tfds"), str(root / "json")
+    return str(root / "tfds"), str(root / "json"), images
 
 
 @pytest.fixture(scope="module")
 def finetune(vqa_rad, stage2, tmp_path_factory):
-    tfds_dir, vqa_json = vqa_rad
+    tfds_dir, vqa_json, images = vqa_rad
     workdir = str(tmp_path_factory.mktemp("finetune"))
+    # VQA-RAD's export names images in the release's own folder (prepare.py says so).
     out = train(f"configs/finetune_vqa_rad_7b.py:{tfds_dir},{vqa_json},mini", workdir,
-                f"--config.init.hf_dir={stage2[2]}")
+                f"--config.init.hf_dir={stage2[2]}", f"--config.eval.image_folder={images}")
     assert "[val_vqa @ 2]" in out.stdout and "[val_vqa @ 4]" in out.stdout
     return workdir, to_hf(workdir, os.path.join(workdir, "hf"), "--step", "best")
 
@@ -239,6 +240,61 @@ def test_zero_shot_evaluates_an_export(finetune, data_root, tmp_path):
               f"--config.eval.json_paths={qa}")
     printed = json.loads(out.stdout.strip().splitlines()[-1])
     assert printed["overall"]["total"] == 3
+
+
+def make_slake_release(root: str) -> None:
+    """SLAKE's release layout (imgs/xmlabN/source.jpg, train/validate/test JSON), English and
+    Chinese questions, an open and a closed one in every split."""
+    from test_data_tfds import _pixels, _save, _slake
+
+    for i in range(2):
+        _save(os.path.join(root, "imgs", f"xmlab{i}", "source.jpg"), _pixels(i, 20, 16), "JPEG")
+    splits = {"train.json": 10, "validate.json": 20, "test.json": 30}
+    for name, base in splits.items():
+        records = [
+            _slake(base, "xmlab0/source.jpg", "Does the picture contain liver?", "Yes", "CLOSED"),
+            _slake(base + 1, "xmlab1/source.jpg", "What modality is used?", "CT", "OPEN"),
+            _slake(base + 2, "xmlab1/source.jpg", "这是什么模态?", "CT", "OPEN", lang="zh"),
+        ]
+        with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+            json.dump(records, f, ensure_ascii=False)
+
+
+def make_path_vqa_release(root: str) -> None:
+    """PathVQA's parquet release, a yes/no and an open question in every split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_data_tfds import _encoded, _pixels
+
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    os.makedirs(os.path.join(root, "data"))
+    for i, split in enumerate(("train", "validation", "test")):
+        image = {"bytes": _encoded(_pixels(10 + i)), "path": f"{split}_0001.jpg"}
+        table = pa.table({"image": pa.array([image, image], type=image_type),
+                          "question": ["Is this a granuloma?", "What stain is used?"],
+                          "answer": ["yes", "h&e"]})
+        pq.write_table(table, os.path.join(root, "data", f"{split}-00000-of-00001.parquet"))
+
+
+@pytest.mark.parametrize("name,builder,make,images", [
+    ("finetune_slake_7b", "slake", make_slake_release, "raw/imgs"),
+    ("finetune_pathvqa_7b", "path_vqa", make_path_vqa_release, "json/images"),
+])
+def test_the_other_finetune_recipes_train_select_and_export(name, builder, make, images,
+                                                            stage2, tmp_path):
+    make(str(tmp_path / "raw"))
+    tfds_dir, vqa_json = str(tmp_path / "tfds"), str(tmp_path / "json")
+    run("-m", "exgra_jax.data.tfds.prepare", builder, "--manual-dir", str(tmp_path / "raw"),
+        "--data-dir", tfds_dir, "--export-dir", vqa_json)
+    workdir = str(tmp_path / "run")
+    out = train(f"configs/{name}.py:{tfds_dir},{vqa_json},mini", workdir,
+                f"--config.init.hf_dir={stage2[2]}",
+                f"--config.eval.image_folder={tmp_path / images}")
+    assert "[val_vqa @ 4]" in out.stdout
+    best = json.load(open(os.path.join(workdir, "best", "best.json")))
+    assert best["step"] in (2, 4)
+    to_hf(workdir, str(tmp_path / "hf"), "--step", "best")
+    assert os.path.isfile(str(tmp_path / "hf" / "config.json"))
 
 
 # ------------------------------------------------------------------------------ recipes

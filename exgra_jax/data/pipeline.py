@@ -24,6 +24,7 @@ import numpy as np
 
 from exgra_jax.data.conversation import ConversationError, ConversationTokenizer
 from exgra_jax.data.image import ImageConfig, ImageDecodeError, ImagePreprocessor
+from exgra_jax.data.medical_image import MedicalImageOptions
 from exgra_jax.data.sources import BadDataError, BadRecordReport, JsonSource, RecordError
 from exgra_jax.parallel import make_global_batch  # noqa: F401  (re-exported for callers)
 
@@ -50,6 +51,8 @@ class DataConfig:
 
     json_paths: tuple[str, ...] = ()  # LLaVA-Med JSON files (or use tfds_name)
     image_folder: str | None = None
+    allow_outside_image_folder: bool = False  # else absolute / '..' image names are skipped
+    medical: MedicalImageOptions = MedicalImageOptions()  # DICOM / NIfTI windowing
     tfds_name: str | None = None  # a built TFDS directory or a registered name
     tfds_split: str = "train"
     tfds_data_dir: str | None = None
@@ -75,6 +78,8 @@ class DataConfig:
     def __post_init__(self):
         if isinstance(self.json_paths, str):
             object.__setattr__(self, "json_paths", (self.json_paths,))
+        if isinstance(self.medical, dict):
+            object.__setattr__(self, "medical", MedicalImageOptions(**self.medical))
         if not self.json_paths and not self.tfds_name:
             raise ValueError("DataConfig needs json_paths or tfds_name")
         for name in ("max_len", "response_len", "caption_len", "batch_size", "image_size"):
@@ -108,6 +113,7 @@ def make_source(cfg: DataConfig):
         fraction=cfg.fraction,
         seed=cfg.seed,
         max_bad_fraction=cfg.max_bad_fraction,
+        allow_outside_image_folder=cfg.allow_outside_image_folder,
     )
 
 
@@ -123,7 +129,9 @@ class ExampleProcessor:
         self.text = ConversationTokenizer(
             tokenizer, cfg.template, cfg.num_image_tokens, cfg.mm_use_im_start_end
         )
-        self.image = ImagePreprocessor(ImageConfig(cfg.image_size, cfg.image_aspect))
+        self.image = ImagePreprocessor(
+            ImageConfig(cfg.image_size, cfg.image_aspect, medical=cfg.medical)
+        )
         needed = self.text.min_length_with_image
         if cfg.max_len < needed:
             raise ValueError(
@@ -164,7 +172,8 @@ class ExampleProcessor:
         """`item` is (index, record-or-exception) as produced by `_read`."""
         index, record = item
         if isinstance(record, Exception):
-            return {"_bad": f"#{index}", "_reason": str(record)}
+            return {"_bad": getattr(record, "record_id", None) or f"#{index}",
+                    "_reason": str(record)}
         try:
             example = self.process(record)
         except (ImageDecodeError, ConversationError, RecordError) as e:

@@ -5,10 +5,12 @@ Every source yields, per index, the record dict of the data contract:
    "conversations": [{"from", "value"}...], "conversations_long": [...] | None,
    "answer_type": "OPEN" | "CLOSED" | ""}
 
-Bad records are dropped early where that is cheap (`validate`: malformed record, empty
-conversation, missing image file), counted and reported with their ids; whatever can only
-be found by decoding (a corrupt image) is skipped later by the pipeline. Both stop with a
-`BadDataError` naming examples when more than `max_bad_fraction` of the data is bad.
+Malformed records (no conversation, bad turns) are dropped when a source is opened: a
+check of the record alone, so start-up touches no image file. Everything about the image
+(a name that leads outside the image folder, a missing or corrupt file) is found when the
+record is read (on the host that reads it) and becomes a counted skip in the pipeline,
+so start-up makes no file-system call per record. Both stages stop with a `BadDataError`
+naming examples when more than `max_bad_fraction` of the data is bad.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exgra_jax.data.conversation import ConversationError, normalize_turns
+from exgra_jax.data.image import ImageDecodeError, resolve_image_path
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,10 @@ class BadDataError(RuntimeError):
 
 class RecordError(ValueError):
     """One record that cannot be used (reported with its id and skipped)."""
+
+    def __init__(self, message: str, record_id: str | None = None):
+        super().__init__(message)
+        self.record_id = record_id
 
 
 @dataclass
@@ -117,19 +124,14 @@ def normalize_record(raw: dict, index: int) -> dict:
     }
 
 
-def check_record(record: dict, image_root: str | None = None):
-    """Cheap checks (no image decoding); raises RecordError naming the problem."""
+def check_record(record: dict):
+    """Checks of the record alone (no file access); raises RecordError naming the problem."""
     try:
         normalize_turns(record["conversations"])
         if record["conversations_long"] is not None:
             normalize_turns(record["conversations_long"])
     except ConversationError as e:
         raise RecordError(str(e)) from e
-    image = record["image"]
-    if isinstance(image, str):
-        path = os.path.join(image_root, image) if image_root else image
-        if not os.path.isfile(path):
-            raise RecordError(f"image file not found: {path}")
 
 
 def subset_indices(num_records: int, fraction: float, seed: int) -> np.ndarray:
@@ -151,8 +153,10 @@ class JsonSource:
     """LLaVA-Med JSON (pre-training, instruction or VQA files) plus an image folder.
 
     `paths` may name several JSON files (concatenated in order). Records are normalized
-    and checked at construction; `indices` then lists the usable ones, and `report` the
-    rest. Image paths are returned joined with `image_folder`.
+    and checked at construction (no file access); `report` lists the malformed ones.
+    Image names are joined with `image_folder` when a record is read, through
+    `resolve_image_path`: a name leading outside the folder raises RecordError there
+    (unless `allow_outside_image_folder`); whether the file exists is found on decoding.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class JsonSource:
         fraction: float = 1.0,
         seed: int = 0,
         max_bad_fraction: float = 0.05,
+        allow_outside_image_folder: bool = False,
     ):
         paths = [paths] if isinstance(paths, str) else list(paths)
         raw = []
@@ -172,6 +177,7 @@ class JsonSource:
                 raise ValueError(f"{path}: expected a JSON list of records")
             raw.extend(data)
         self.image_folder = image_folder
+        self.allow_outside_image_folder = allow_outside_image_folder
         self.report = BadRecordReport()
         self._records = []
         for i in subset_indices(len(raw), fraction, seed):
@@ -179,12 +185,10 @@ class JsonSource:
             self.report.num_seen += 1
             try:
                 record = normalize_record(raw[i], int(i))
-                check_record(record, image_folder)
+                check_record(record)
             except RecordError as e:
                 self.report.add_bad(record_id, str(e))
                 continue
-            if isinstance(record["image"], str) and image_folder:
-                record["image"] = os.path.join(image_folder, record["image"])
             self._records.append(record)
         if self.report.num_bad:
             log.warning("skipping %s", self.report.summary())
@@ -196,7 +200,16 @@ class JsonSource:
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict:
-        return self._records[index]
+        record = self._records[index]
+        if not isinstance(record["image"], str):
+            return record
+        try:
+            path = resolve_image_path(
+                self.image_folder, record["image"], self.allow_outside_image_folder
+            )
+        except ImageDecodeError as e:
+            raise RecordError(str(e), record["id"]) from e
+        return {**record, "image": path}
 
     @property
     def ids(self) -> list[str]:

@@ -36,6 +36,7 @@ import numpy as np
 from exgra_jax import paths
 from exgra_jax.data.conversation import ConversationTokenizer
 from exgra_jax.data.image import ImageConfig, ImageDecodeError, ImagePreprocessor
+from exgra_jax.data.medical_image import MedicalImageOptions
 from exgra_jax.inference.generate import GenerationConfig, generate, pad_prompts
 
 log = logging.getLogger("exgra_jax.eval")
@@ -118,6 +119,14 @@ def bucket_length(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
 
 
+def image_config(config, model_config) -> ImageConfig:
+    """How a config's images reach the model: the model's size, the data's aspect rule and
+    DICOM/NIfTI windowing (``config.data.medical``), as in training."""
+    medical = config.data.get("medical")
+    options = MedicalImageOptions(**medical.to_dict()) if medical else MedicalImageOptions()
+    return ImageConfig(model_config.image_size, config.data.image_aspect, medical=options)
+
+
 @dataclasses.dataclass
 class Answerer:
     """Generates answers for batches of questions with one model."""
@@ -131,6 +140,7 @@ class Answerer:
     bucket: int = 32
     image_first: bool = False  # image block before the question (else after: LLaVA-Med eval)
     image_root: str | None = None  # the folder record image names are relative to
+    allow_outside: bool = False  # image names may leave image_root (absolute, '..')
 
     def __post_init__(self):
         if self.batch_size < 1 or self.bucket < 1:
@@ -138,7 +148,7 @@ class Answerer:
         tok = self.model.tokenizer
         self.conv = ConversationTokenizer(tok, self.template, self.model.config.num_image_tokens,
                                           self.use_im_start_end)
-        self.images = ImagePreprocessor(self.image_config, self.image_root)
+        self.images = ImagePreprocessor(self.image_config, self.image_root, self.allow_outside)
         self.gen = GenerationConfig(
             max_new_tokens=self.max_new_tokens, eos_token_ids=(tok.eos_token_id,),
             pad_token_id=self.conv.ids["pad"], stop_strings=(self.conv.stop_string,))
@@ -249,7 +259,5 @@ def answer_questions(
         if progress is not None:
             progress(done, len(pending))
     complete = done_keys.union(id_key(q.id) for q in pending) >= set(keys)
-    if writer:
-        write_ordered(out_path, questions, answered)
     records = [answered[k] for k in keys if k in answered]
     return records, complete

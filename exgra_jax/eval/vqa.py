@@ -31,6 +31,7 @@ from exgra_jax.eval.answering import (
     Question,
     answer_questions,
     id_key,
+    image_config,
     skipped_questions,
 )
 
@@ -73,16 +74,15 @@ def run_vqa(config, model, out_path: str, *, template: str | None = None, limit:
     """
     import jax  # noqa: PLC0415
 
-    from exgra_jax.data.image import ImageConfig  # noqa: PLC0415
-
     records, questions = read_vqa(tuple(config.eval.json_paths))
     answerer = Answerer(
         model=model, template=template or config.data.template,
-        image_config=ImageConfig(model.config.image_size, config.data.image_aspect),
+        image_config=image_config(config, model.config),
         use_im_start_end=config.data.mm_use_im_start_end,
         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
         bucket=bucket, image_first=config.eval.get("image_first", False),
-        image_root=config.eval.image_folder or None)
+        image_root=config.eval.image_folder or None,
+        allow_outside=config.data.get("allow_outside_image_folder", False))
 
     def make_record(q: Question, prompt: str, text: str) -> dict:
         # answer_id is derived, not random, so a rerun writes the same bytes.

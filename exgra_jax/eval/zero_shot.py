@@ -25,6 +25,7 @@ from exgra_jax.eval.answering import (
     Answerer,
     Question,
     answer_questions,
+    image_config,
     skipped_questions,
 )
 from exgra_jax.eval.vqa import metrics_path
@@ -50,17 +51,16 @@ def run_zero_shot(config, model, out_path: str, *, template: str | None = None,
     """Answer (resuming) and score; returns the accuracies, or None while answers are missing."""
     import jax  # noqa: PLC0415
 
-    from exgra_jax.data.image import ImageConfig  # noqa: PLC0415
-
     records, questions = read_zero_shot(tuple(config.eval.json_paths))
     by_id = {json.dumps(r["question_id"]): r for r in records}
     answerer = Answerer(
         model=model, template=template or config.data.template,
-        image_config=ImageConfig(model.config.image_size, config.data.image_aspect),
+        image_config=image_config(config, model.config),
         use_im_start_end=config.data.mm_use_im_start_end,
         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
         bucket=bucket, image_first=config.eval.get("image_first", False),
-        image_root=config.eval.image_folder or None)
+        image_root=config.eval.image_folder or None,
+        allow_outside=config.data.get("allow_outside_image_folder", False))
 
     def make_record(q: Question, prompt: str, text: str) -> dict:
         return {**by_id[json.dumps(q.id)], "prompt": prompt, zs.GENERATED_FIELD: text,

@@ -39,6 +39,16 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
         template="llava_v0", max_len=2048, response_len=128, caption_len=256,
         image_aspect="pad", mm_use_im_start_end=True, seed=0, fraction=1.0,
         max_bad_fraction=0.05, worker_count=0, read_threads=1, shuffle=True,
+        allow_outside_image_folder=False,  # True: image names may leave image_folder
+    ))
+    # DICOM / NIfTI to RGB (exgra_jax.data.medical_image.MedicalImageOptions): window is a
+    # CT preset (brain, subdural, stroke, soft_tissue, abdomen, mediastinum, liver, lung,
+    # wide, bone) or "C,W"; "" uses the file's window, else the percentiles' range.
+    c.data.medical = ml_collections.ConfigDict(dict(
+        window="", channel_windows=(), use_file_window=True, percentiles=(0.0, 100.0),
+        frame=ml_collections.config_dict.placeholder(int),  # None: the middle frame
+        slice_index=ml_collections.config_dict.placeholder(int),  # None: the middle slice
+        axis=-1,
     ))
     # A local Hugging Face tokenizer directory; '' with init.source llava_hf/llava_med: the
     # one saved with those weights (init.hf_dir).

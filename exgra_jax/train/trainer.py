@@ -61,6 +61,8 @@ def data_config(config, mcfg: ModelConfig, batch_size: int, *, eval_mode: bool =
                  tfds_name="", shuffle=False)
     return DataConfig(
         json_paths=tuple(d["json_paths"]), image_folder=d["image_folder"] or None,
+        allow_outside_image_folder=d.get("allow_outside_image_folder", False),
+        medical=d.get("medical", {}),
         tfds_name=d["tfds_name"] or None, tfds_split=d["tfds_split"],
         tfds_data_dir=d["tfds_data_dir"] or None, template=d["template"],
         max_len=d["max_len"], response_len=d["response_len"], caption_len=d["caption_len"],
@@ -74,7 +76,8 @@ def data_config(config, mcfg: ModelConfig, batch_size: int, *, eval_mode: bool =
 
 
 def validate(config, mcfg: ModelConfig, acfg: AlignmentConfig | None, mesh) -> None:
-    """Errors that say what to change, before anything compiles."""
+    """Errors that say what to change, before anything compiles (the config's paths are
+    checked separately: ``config_paths.check_config_paths``)."""
     t = config.train
     shards = parallel.batch_shard_count(mesh)
     if t.global_batch_size % (shards * t.micro_batches):
@@ -107,7 +110,6 @@ def validate(config, mcfg: ModelConfig, acfg: AlignmentConfig | None, mesh) -> N
     if config.eval.json_paths and config.eval.batch_size % jax.process_count():
         raise ValueError(f"eval.batch_size={config.eval.batch_size} (global) must be divisible "
                          f"by the {jax.process_count()} processes")
-    check_config_paths(config)
 
 
 # =============================================================================== params

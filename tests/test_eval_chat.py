@@ -78,7 +78,7 @@ def test_terminal_chat_multi_turn_through_stdin(chat_setup, tmp_path):
     answers = [line.split("ASSISTANT: ", 1)[1] for line in proc.stdout.splitlines()
                if "ASSISTANT: " in line]
     assert len(answers) == 3
-    assert "[error: cannot decode image" in proc.stdout
+    assert "[error: image file not found: /no/such.png]" in proc.stdout
     assert "[conversation cleared]" in proc.stdout
 
     model = load_for_eval(config, workdir=workdir)

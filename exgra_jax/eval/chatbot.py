@@ -89,8 +89,7 @@ def answer_chatbot(config, model, questions: Sequence[dict], image_folder: str, 
                    *, template: str | None = None, limit: int = 0, bucket: int = 32,
                    progress: Callable[[int, int], None] | None = None):
     """Our answers (records in question order, complete) via the shared VQA answerer."""
-    from exgra_jax.data.image import ImageConfig  # noqa: PLC0415
-    from exgra_jax.eval.answering import Answerer, answer_questions  # noqa: PLC0415
+    from exgra_jax.eval.answering import Answerer, answer_questions, image_config  # noqa: PLC0415
 
     asked = [Question(q["question_id"], q["text"], q["image"]) for q in questions]
     missing = [q.image for q in asked if not paths.exists(paths.join(image_folder, q.image))]
@@ -99,7 +98,7 @@ def answer_chatbot(config, model, questions: Sequence[dict], image_folder: str, 
                                 "check --chatbot_images")
     answerer = Answerer(
         model=model, template=template or config.data.template,
-        image_config=ImageConfig(model.config.image_size, config.data.image_aspect),
+        image_config=image_config(config, model.config),
         use_im_start_end=config.data.mm_use_im_start_end,
         max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
         bucket=bucket, image_first=config.eval.get("image_first", False),

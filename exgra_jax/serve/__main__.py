@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_app(args: argparse.Namespace):
     """Load the model and return the ASGI app (the engine's worker is running)."""
     from exgra_jax.config_paths import load_config_file  # noqa: PLC0415
-    from exgra_jax.data.image import ImageConfig  # noqa: PLC0415
+    from exgra_jax.eval.answering import image_config  # noqa: PLC0415
     from exgra_jax.eval.checkpoint_loading import (  # noqa: PLC0415
         load_for_eval,
         parse_step,
@@ -66,7 +66,7 @@ def build_app(args: argparse.Namespace):
                         max_image_bytes=int(args.max_image_mb * 2**20),
                         max_image_pixels=args.max_image_pixels)
     engine = Engine(model, args.template or config.data.template,
-                    ImageConfig(model.config.image_size, config.data.image_aspect),
+                    image_config(config, model.config),
                     config.data.mm_use_im_start_end, config.eval.get("image_first", False),
                     media, default_max_tokens=args.max_tokens,
                     max_batch=args.max_batch, window_s=args.batch_window_ms / 1000,

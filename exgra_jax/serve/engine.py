@@ -113,7 +113,8 @@ class Engine:
         take. Runs in the request's thread."""
         pixels = None
         if request.image_url is not None:
-            image = decode_image(image_bytes(request.image_url, self.media), self.media)
+            image = decode_image(image_bytes(request.image_url, self.media), self.media,
+                                 self.images.config.medical)
             pixels = self.images(image)
         ids = self.prompt_ids(request)
         positions = self.model.config.max_positions

@@ -2,7 +2,8 @@
 allowed directory, and (only when enabled) http(s) URLs.
 
 The bytes go to ``exgra_jax.data.image.load_image``, the decoder the data pipeline uses, so
-every format it reads (PNG, JPEG, ..., and the medical formats it knows) works here too.
+every format it reads (PNG, JPEG, ..., DICOM, NIfTI; windowed by ``config.data.medical``)
+works here too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import warnings
 from PIL import Image
 
 from exgra_jax.data.image import ImageDecodeError, load_image
+from exgra_jax.data.medical_image import MedicalImageOptions
 from exgra_jax.serve.protocol import ApiError
 
 # Media types a data URL may declare; PIL and load_image find the real format from the bytes.
@@ -113,9 +115,11 @@ def _check_pixels(width: int, height: int, policy: MediaPolicy) -> None:
                        f"{policy.max_image_pixels} allowed", code="image_too_large")
 
 
-def decode_image(data: bytes, policy: MediaPolicy) -> Image.Image:
-    """Encoded bytes -> RGB image. The pixel count is checked from the header before any
-    pixel is decoded, so a small file claiming a huge image is refused cheaply."""
+def decode_image(data: bytes, policy: MediaPolicy,
+                 medical: MedicalImageOptions | None = None) -> Image.Image:
+    """Encoded bytes -> RGB image (DICOM/NIfTI windowed by ``medical``). The pixel count is
+    checked from the header before any pixel is decoded, so a small file claiming a huge
+    image is refused cheaply."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -128,7 +132,7 @@ def decode_image(data: bytes, policy: MediaPolicy) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = load_image(data)
+            image = load_image(data, medical=medical)
     except (ImageDecodeError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ApiError(400, f"the image cannot be decoded: {e}",
                        code="invalid_image_format") from e

@@ -1,4 +1,4 @@
-"""Multi-turn chat about one image, in the terminal or (``--web``) in a browser.
+"""Multi-turn chat about one image, in the terminal or (``--web``, the server's page) in a browser.
 
     python -m exgra_jax.eval.chat --workdir demo_out/run --image scan.png
     python -m exgra_jax.eval.chat --hf_dir HF_DIR --config configs/demo.py --image scan.png
@@ -162,7 +162,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--web", action="store_true", help="serve the web UI instead")
+    p.add_argument("--web", action="store_true",
+                   help="serve the web chat instead (python -m exgra_jax.serve)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     return p.parse_args(argv)
@@ -170,12 +171,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    make_session = session_factory(args)
-    if args.web:
-        from exgra_jax.eval.chat_web import serve_forever  # noqa: PLC0415
+    if args.web:  # the page of the OpenAI-compatible server
+        from exgra_jax.serve.__main__ import main as serve  # noqa: PLC0415
 
-        serve_forever(make_session, args.host, args.port)
-        return 0
+        source = ["--workdir", args.workdir] if args.workdir else ["--hf_dir", args.hf_dir]
+        return serve([*source, *(["--config", args.config] if args.config else []),
+                      *(["--step", str(args.step)] if args.step is not None else []),
+                      *(["--template", args.template] if args.template else []),
+                      "--max_tokens", str(args.max_new_tokens),
+                      "--host", args.host, "--port", str(args.port)])
+    make_session = session_factory(args)
     session = make_session()
     if args.image:
         session.set_image(args.image)

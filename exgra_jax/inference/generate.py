@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -335,6 +335,7 @@ def generate(
     tokenizer: Any | None = None,
     mesh: Mesh | None = None,
     rules: Sequence = DEFAULT_RULES,
+    on_progress: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> GenerationOutput:
     """Generate up to ``config.max_new_tokens`` tokens for each prompt row.
 
@@ -343,6 +344,8 @@ def generate(
     and ``pixel_values`` is NHWC [b, H, W, 3], normalized. ``rng`` is required when
     ``config.temperature > 0``. With ``mesh``, parameters are placed by ``rules`` (pass
     ``shard_params(...)`` output to avoid moving them on every call).
+    ``on_progress(tokens, lengths)`` (host arrays as in the output, before stop strings are
+    cut) is called every ``check_every`` decode steps, e.g. to stream partial answers.
     """
     gen = config
     ids = np.asarray(input_ids, np.int32)
@@ -382,11 +385,13 @@ def generate(
         while True:
             if gen.stop_strings:
                 state = _mark_stop_strings(state, decode_text, gen.stop_strings)
+            if on_progress is not None:
+                on_progress(_to_host(state.tokens)[:batch], _to_host(state.lengths)[:batch])
             step = int(state.step)
             if step >= gen.max_new_tokens or bool(jnp.all(state.done)):
                 break
             end = gen.max_new_tokens
-            if gen.stop_strings:
+            if gen.stop_strings or on_progress is not None:
                 end = min(step + gen.check_every, end)
             state = decode(params, state, rng, knobs, np.int32(end))
 

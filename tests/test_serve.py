@@ -5,6 +5,7 @@ batched), and bad requests get OpenAI-style errors while the server stays up."""
 import base64
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from serve_fixtures import (
     reference_answer,
 )
 
-from exgra_jax.data.image import ImageConfig, ImagePreprocessor, load_image
+from exgra_jax.data.image import ImageConfig, ImagePreprocessor
 from exgra_jax.eval.checkpoint_loading import load_for_eval
 from exgra_jax.serve.app import create_app
 from exgra_jax.serve.engine import Engine, settled_text
@@ -42,7 +43,10 @@ def served(tmp_path_factory):
     model = load_for_eval(config, workdir=workdir)
     images = os.path.join(data, "images")
     image_config = ImageConfig(model.config.image_size, config.data.image_aspect)
-    media = MediaPolicy(image_dir=images, max_image_bytes=300_000, max_image_pixels=1_000_000)
+    allowed = tmp_path_factory.mktemp("allowed")  # the folder local image paths may name
+    shutil.copy(os.path.join(images, sorted(os.listdir(images))[0]), allowed)
+    media = MediaPolicy(image_dir=str(allowed), max_image_bytes=300_000,
+                        max_image_pixels=1_000_000)
     engine = Engine(model, "llava_v0", image_config, True, image_first=False, media=media,
                     default_max_tokens=MAX_TOKENS, max_batch=8, window_s=0.05)
     server = LocalServer(create_app(engine, MODEL, max_body_bytes=1_000_000))
@@ -51,7 +55,7 @@ def served(tmp_path_factory):
     image = os.path.join(images, sorted(os.listdir(images))[0])
     yield dict(server=server, client=client, model=model, engine=engine, image=image,
                pixels=ImagePreprocessor(image_config)(image), config=config, workdir=workdir,
-               block=image_block(model.config.num_image_tokens), images=images)
+               block=image_block(model.config.num_image_tokens), allowed=str(allowed))
     server.close()
 
 
@@ -224,20 +228,26 @@ def test_local_path_under_the_allowed_dir(served):
     assert reply.choices[0].message.content == expected
 
 
-def _dicom_decodable(path) -> bool:
-    try:
-        load_image(path)
-    except ValueError:
-        return False
-    return True
+def test_stop_strings_and_seeded_sampling(served):
+    client = served["client"]
+    url = data_url(served["image"])
+    full = _ask(client, [_user("What is shown?", url)]).choices[0].message.content
+    stop = full.split()[1]  # a word of the greedy answer: the answer ends before it
+    reply = _ask(client, [_user("What is shown?", url)], stop=[stop])
+    assert reply.choices[0].message.content == full.split(stop)[0].strip()
+    assert reply.choices[0].finish_reason == "stop"
+
+    def sample(seed):
+        return client.chat.completions.create(
+            model=MODEL, messages=[_user("What is shown?", url)], temperature=1.0,
+            top_p=0.9, seed=seed, max_tokens=MAX_TOKENS).choices[0].message.content
+
+    assert sample(3) == sample(3)  # a seed fixes the sample (the request runs alone)
 
 
-def test_dicom_chat_through_data_url(served):
+def test_dicom_chat_through_data_url_and_allowed_path(served):
     pydicom = pytest.importorskip("pydicom")
     path = pydicom.data.get_testdata_file("CT_small.dcm")
-    if not _dicom_decodable(path):
-        pytest.skip("exgra_jax.data.image.load_image in this branch cannot decode DICOM yet "
-                    "(issue item 3 adds it)")
     model = served["model"]
     pixels = ImagePreprocessor(ImageConfig(model.config.image_size,
                                            served["config"].data.image_aspect))(path)
@@ -249,6 +259,9 @@ def test_dicom_chat_through_data_url(served):
     streamed = "".join(c.choices[0].delta.content or "" for c in
                        _ask(served["client"], [_user("Which organ?", url)], stream=True))
     assert streamed == expected
+    shutil.copy(path, os.path.join(served["allowed"], "ct.dcm"))
+    reply = _ask(served["client"], [_user("Which organ?", "ct.dcm")])
+    assert reply.choices[0].message.content == expected
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import warnings
 from PIL import Image
 
 from exgra_jax.data.image import ImageDecodeError, load_image
-from exgra_jax.data.medical_image import MedicalImageOptions
+from exgra_jax.data.medical_image import HEADER_BYTES, MedicalImageOptions, sniff_format
 from exgra_jax.serve.protocol import ApiError
 
 # Media types a data URL may declare; PIL and load_image find the real format from the bytes.
@@ -120,15 +120,16 @@ def decode_image(data: bytes, policy: MediaPolicy,
     """Encoded bytes -> RGB image (DICOM/NIfTI windowed by ``medical``). The pixel count is
     checked from the header before any pixel is decoded, so a small file claiming a huge
     image is refused cheaply."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as header:
-                _check_pixels(*header.size, policy)
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, f"the image is too large: {e}", code="image_too_large") from e
-    except (OSError, ValueError, SyntaxError):
-        pass  # not a format PIL reads (e.g. DICOM): load_image decides
+    if sniff_format(data[:HEADER_BYTES]) is None:  # DICOM / NIfTI: checked once decoded
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as header:
+                    _check_pixels(*header.size, policy)
+        except Image.DecompressionBombError as e:
+            raise ApiError(413, f"the image is too large: {e}", code="image_too_large") from e
+        except (OSError, ValueError, SyntaxError):
+            pass  # not an image PIL reads: load_image says what is wrong
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

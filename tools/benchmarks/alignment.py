@@ -64,28 +64,17 @@ def edge_pair_indicator(x, e1, e2):
     return x[s1][:, s2] * x[t1][:, t2]
 
 
-def partial_lap(cost):
-    """Minimum-cost partial matching (unmatched at cost 0) with scipy: pairs of cost >= 0
-    never help, so solve the full assignment of min(cost, 0) and drop them."""
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(np.minimum(cost, 0.0))
-    x = np.zeros_like(cost)
-    x[rows, cols] = 1.0
-    return x * (cost < 0)
-
-
 def numpy_ipfp(unary, quad, e1, e2, iters, x=None):
     """Frank-Wolfe over partial matchings with exact line search, from x (default: the
     LAP of the unary costs); returns the lowest-energy discrete matching and its energy."""
     (s1, t1), (s2, t2) = e1, e2
-    x = partial_lap(unary) if x is None else x
+    x = scipy_partial_matching(unary) if x is None else x
     best, best_e = x, quadratic_energy(x, unary, quad, e1, e2)
     for _ in range(iters):
         g = unary.copy()
         np.add.at(g, (s1[:, None], s2[None, :]), quad * x[t1][:, t2])
         np.add.at(g, (t1[:, None], t2[None, :]), quad * x[s1][:, s2])
-        b = partial_lap(g)
+        b = scipy_partial_matching(g)
         e_b = quadratic_energy(b, unary, quad, e1, e2)
         if e_b < best_e:
             best, best_e = b, e_b

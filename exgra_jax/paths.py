@@ -50,9 +50,14 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Whole-file write through a temporary sibling, so a crash never leaves half a file."""
+    """Whole-file write: a crash never leaves half a file. Locally through a temporary
+    sibling; a URL directly, since an object store publishes an object only once its upload
+    completes (and a "rename" there is a copy and a delete)."""
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if is_url(path):
+        target.write_text(text)
+        return
     tmp = target.parent / f".{target.name}.tmp"
     tmp.write_text(text)
     tmp.replace(target)

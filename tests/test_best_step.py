@@ -21,6 +21,7 @@ import pytest
 from best_step_config import SELECT, finetune_config
 from eval_fixtures import REPO, random_params, shared_demo_data, subprocess_env
 
+from exgra_jax import paths
 from exgra_jax.checkpoint import Checkpointer
 from exgra_jax.eval import metrics
 from exgra_jax.eval.checkpoint_loading import load_for_eval, parse_step
@@ -52,11 +53,10 @@ def start_from_random_weights(config, workdir: str) -> None:
     params = {"model": random_params(run.model)}
     state = jax.jit(lambda p: st.init_state(p, run.mask, run.optimizer),
                     out_shardings=run.state_sharding)(params)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(paths.join(workdir, "checkpoints"), async_save=False)
     ckpt.save(0, state, None, trainer.run_meta(run), force=True)
     ckpt.close()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 @contextlib.contextmanager

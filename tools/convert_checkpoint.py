@@ -22,7 +22,6 @@ release's own template is checked against the config's).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -33,6 +32,7 @@ FORMATS = {"llava-hf": "llava_hf", "llava-med": "llava_med", "clip-llama": "clip
 def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> str:
     import jax
 
+    from exgra_jax import paths
     from exgra_jax.checkpoint import Checkpointer
     from exgra_jax.convert.hf import save_llava
     from exgra_jax.eval.checkpoint_loading import checkpoint_directory, restore_model_params
@@ -42,7 +42,7 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
 
     best = step == BEST
     directory = checkpoint_directory(workdir, step)
-    if best and not os.path.isdir(directory):
+    if best and not paths.is_dir(directory):
         raise SystemExit(f"{workdir}: no best checkpoint (written when training with "
                          "config.eval.select_metric set)")
     ckpt = Checkpointer(directory, async_save=False)
@@ -73,11 +73,10 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
 
 
 def _run_config(workdir: str) -> dict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    from exgra_jax import paths
+
+    path = paths.join(workdir, "config.json")
+    return paths.read_json(path) if paths.exists(path) else {}
 
 
 def _save_processor(out: str, config, tokenizer_dir: str, run_config: dict) -> None:
@@ -99,6 +98,7 @@ def _save_processor(out: str, config, tokenizer_dir: str, run_config: dict) -> N
 def from_hf(args) -> str:
     import jax
 
+    from exgra_jax import paths
     from exgra_jax.checkpoint import Checkpointer
     from exgra_jax.config_paths import load_config_file
     from exgra_jax.train import trainer
@@ -119,13 +119,12 @@ def from_hf(args) -> str:
                   file=sys.stderr)
     run = trainer.build(config, total_steps=max(int(config.train.total_steps), 1))
     state = trainer.init_train_state(run)
-    ckpt = Checkpointer(os.path.join(args.out, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(paths.join(args.out, "checkpoints"), async_save=False)
     if ckpt.latest_step() is not None:
         raise SystemExit(f"{args.out} already holds checkpoints; choose a new --out")
     ckpt.save(0, state, None, trainer.run_meta(run), force=True)
     ckpt.close()
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(args.out, "config.json"), config.to_json_best_effort(indent=2))
     if args.hf_dir and os.path.exists(os.path.join(args.hf_dir, "tokenizer_config.json")):
         shutil.copytree(args.hf_dir, os.path.join(args.out, "hf_source_tokenizer"),
                         ignore=shutil.ignore_patterns("*.safetensors", "*.bin"),

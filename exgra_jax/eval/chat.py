@@ -16,6 +16,7 @@ with the first kept question).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from typing import Any
@@ -171,15 +172,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.web:  # the page of the OpenAI-compatible server
-        from exgra_jax.serve.__main__ import main as serve  # noqa: PLC0415
-
+    if args.web:  # the page of the OpenAI-compatible server (a layer above eval: exec it)
         source = ["--workdir", args.workdir] if args.workdir else ["--hf_dir", args.hf_dir]
-        return serve([*source, *(["--config", args.config] if args.config else []),
-                      *(["--step", str(args.step)] if args.step is not None else []),
-                      *(["--template", args.template] if args.template else []),
-                      "--max_tokens", str(args.max_new_tokens),
-                      "--host", args.host, "--port", str(args.port)])
+        os.execv(sys.executable, [
+            sys.executable, "-m", "exgra_jax.serve", *source,
+            *(["--config", args.config] if args.config else []),
+            *(["--step", str(args.step)] if args.step is not None else []),
+            *(["--template", args.template] if args.template else []),
+            "--max_tokens", str(args.max_new_tokens), "--host", args.host,
+            "--port", str(args.port)])
     make_session = session_factory(args)
     session = make_session()
     if args.image:

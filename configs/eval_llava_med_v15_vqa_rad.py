@@ -14,14 +14,18 @@ The argument after ':' is 'VQA_JSON,V15_DIR': the exported LLaVA-Med VQA JSON fo
 tokenizer). ``from-hf`` turns the release into a workdir at step 0 (the same import as
 configs/stage2_from_llava_med_v15.py); ``tools/convert_checkpoint.py to-hf --workdir DIR``
 then gives a llava-hf directory with processor and chat template for transformers/vLLM.
+Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU sizes
+(``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
 import os
 
 from exgra_jax.train.defaults import base_config
+from exgra_jax.train.miniature import shrink, split_arg
 
 
 def get_config(arg: str | None = None):
+    arg, mini = split_arg(arg)
     vqa_json, v15_dir = (arg or "data/vqa_rad,llava-med-v1.5-mistral-7b").split(",")
     c = base_config("llava_med_v15_7b", dtype="bfloat16", param_dtype="bfloat16",
                     scan_layers=True)
@@ -42,4 +46,4 @@ def get_config(arg: str | None = None):
     c.eval.max_new_tokens = 32
 
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    return c
+    return shrink(c) if mini else c

@@ -15,6 +15,8 @@ As v1.5 was trained: template ``mistral_instruct``, no image start/end tokens, i
 padded to square with the mean colour, 576 image tokens. Everything else (loss weights,
 black-box lambda, frozen tower, optimizer, precision, mesh) is stage 2's; at 336 px each
 example carries 2.25x the image tokens of the 224-px model.
+Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU sizes
+(``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
 import dataclasses
@@ -22,11 +24,13 @@ import os
 
 import ml_collections
 
+from exgra_jax.config_paths import load_config_file
 from exgra_jax.models import config as mc
-from exgra_jax.train.defaults import load_config_file
+from exgra_jax.train.miniature import shrink, split_arg
 
 
 def get_config(arg: str | None = None):
+    arg, mini = split_arg(arg)
     root = arg or "data/llava_med"
     # Stage 2's recipe (data, alignment, optimizer, precision, mesh), on v1.5's model.
     c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -40,4 +44,4 @@ def get_config(arg: str | None = None):
     c.init.hf_dir = os.path.join(root, "llava-med-v1.5-mistral-7b")
     c.tokenizer = c.init.hf_dir
     c.eval.image_first = True  # LLaVA-Med v1.5's VQA prompt: "<image>\n{question}"
-    return c
+    return shrink(c) if mini else c

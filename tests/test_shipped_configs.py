@@ -88,24 +88,10 @@ def data_root(tmp_path_factory):
                 os.path.join(root, "llava_med_alignment_500k.json"))
     shutil.copy(os.path.join(demo, "instruct.json"),
                 os.path.join(root, "llava_med_instruct_60k_inline_mention_long.json"))
-    write_real_tokenizer(os.path.join(root, "tokenizer"))
+    from hf_fixtures import mistral_tokenizer_dir
+
+    mistral_tokenizer_dir(os.path.join(root, "tokenizer"))
     return root
-
-
-def write_real_tokenizer(out: str) -> None:
-    """Mistral-7B's sentencepiece model (32000 pieces, LLaMA's special ids) as a Hugging Face
-    tokenizer directory; load_tokenizer adds [PAD] <im_patch> <im_start> <im_end>."""
-    import mistral_common
-    from transformers import AutoTokenizer
-
-    src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
-    raw = out + "_sp"
-    os.makedirs(raw)
-    shutil.copy(src, os.path.join(raw, "tokenizer.model"))
-    with open(os.path.join(raw, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                   "unk_token": "<unk>", "add_bos_token": True}, f)
-    AutoTokenizer.from_pretrained(raw).save_pretrained(out)
 
 
 @pytest.fixture(scope="module")
@@ -297,9 +283,65 @@ def test_the_other_finetune_recipes_train_select_and_export(name, builder, make,
     assert os.path.isfile(str(tmp_path / "hf" / "config.json"))
 
 
+@pytest.fixture(scope="module")
+def v15_release(data_root, tmp_path_factory):
+    """A LLaVA-Med v1.5 release directory (llava_mistral: Mistral + CLIP-336 layout, v1.5's
+    tensor names and config keys, sharded safetensors, its tokenizer) at miniature sizes."""
+    import torch
+    from hf_fixtures import clip_vision, mistral
+    from test_llava_med_v15 import _write_v15
+
+    from exgra_jax.models.config import llava_med_v15_7b
+    from exgra_jax.train.miniature import mini_model_sizes
+
+    full = llava_med_v15_7b()
+    m = mini_model_sizes(full.num_heads, full.num_kv_heads)
+    lm = mistral(vocab_size=32000, hidden_size=m["hidden_size"], intermediate_size=m["mlp_size"],
+                 num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
+                 num_key_value_heads=m["num_kv_heads"], max_position_embeddings=256,
+                 rope_theta=full.rope_theta, sliding_window=None)
+    clip = clip_vision(hidden_size=m["vision_width"], intermediate_size=m["vision_mlp"],
+                       num_hidden_layers=m["vision_layers"], num_attention_heads=m["vision_heads"],
+                       image_size=m["image_size"], patch_size=m["patch_size"])
+    torch.manual_seed(0)
+    projector = torch.nn.Sequential(torch.nn.Linear(m["vision_width"], m["hidden_size"]),
+                                    torch.nn.GELU(),
+                                    torch.nn.Linear(m["hidden_size"], m["hidden_size"]))
+    out = str(tmp_path_factory.mktemp("v15") / "llava-med-v1.5-mistral-7b")
+    _write_v15(out, lm, clip, projector)
+    for name in os.listdir(os.path.join(data_root, "tokenizer")):  # released with its tokenizer
+        shutil.copy(os.path.join(data_root, "tokenizer", name), out)
+    return out
+
+
+def test_stage2_from_llava_med_v15_trains_from_the_release(data_root, v15_release, tmp_path):
+    out = train(f"configs/stage2_from_llava_med_v15.py:{data_root},mini", str(tmp_path),
+                f"--config.init.hf_dir={v15_release}", f"--config.tokenizer={v15_release}")
+    assert "starting from init.source=llava_med" in out.stdout
+    step, state = saved_state(str(tmp_path))
+    assert step == MINI_STEPS
+    assert_fp32_master_state(state)
+    # v1.5's 32000 rows, then the four LLaVA-Med tokens appended.
+    assert state["params"]["model"]["llm"]["embed_tokens"].shape[0] == 32004
+
+
+def test_llava_med_v15_evaluates_on_vqa_rad_as_documented(vqa_rad, v15_release, tmp_path):
+    _, vqa_json, images = vqa_rad
+    arg = f"{vqa_json},{v15_release},mini"
+    workdir = str(tmp_path / "run")
+    run("tools/convert_checkpoint.py", "from-hf", "--format", "llava-med", "--hf-dir",
+        v15_release, "--out", workdir, "--config", "configs/eval_llava_med_v15_vqa_rad.py",
+        "--config-arg", arg)
+    out = run("launch/eval.py", f"--config=configs/eval_llava_med_v15_vqa_rad.py:{arg}",
+              f"--workdir={workdir}", "--task=vqa", f"--config.eval.image_folder={images}")
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert printed["num_questions"] == 2 and printed["num_skipped"] == 0
+
+
 # ------------------------------------------------------------------------------ recipes
-SHIPPED = ("stage1_7b", "stage2_7b", "finetune_vqa_rad_7b", "finetune_slake_7b",
-           "finetune_pathvqa_7b", "zero_shot")
+# Every config file but the demo (which is run whole by make demo).
+SHIPPED = tuple(sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                       if f.endswith(".py") and f not in ("__init__.py", "demo.py")))
 # The only fields a miniature may change: sizes, lengths, batch, steps.
 SIZE_FIELDS = {
     *(f"model.{k}" for k in (*MINI_VISION, *MINI_TEXT, "num_kv_heads", "dci_ranges",
@@ -325,7 +367,7 @@ def _flat(d, prefix=""):
 def test_miniature_changes_only_sizes(name):
     from exgra_jax.config_paths import load_config_file
 
-    arg = "T,J" if name.startswith("finetune") else "R"
+    arg = "T,J" if name.startswith(("finetune", "eval_")) else "R"
     full = _flat(load_config_file(f"{REPO}/configs/{name}.py:{arg}").to_dict())
     mini = _flat(load_config_file(f"{REPO}/configs/{name}.py:{arg},mini").to_dict())
     assert set(full) == set(mini)

@@ -130,7 +130,7 @@ def test_vqa_answers_match_findings(built):
     checked = 0
     for e in _load(built, "vqa/train.json") + _load(built, "vqa/test.json"):
         f = findings[e["image"]]
-        q = e["conversations"][0]["value"].split("\n", 1)[1]
+        q = e["conversations"][0]["value"].split("\n", 1)[1].split(" (Answer with either")[0]
         a = e["conversations"][1]["value"]
         if q.startswith("How many"):
             assert a == str(f["count"])
@@ -155,6 +155,8 @@ def test_vqa_answers_match_findings(built):
             assert a == ("yes" if f["organ"] in m.groups() else "no")
         elif m := re.fullmatch(r"Is the .+ in the (left|right) \w+\?", q):
             assert f["location"] and a == ("yes" if f["side"] == m.group(1) else "no")
+        elif " or " in q:  # a choice between the image's modality (organ) and another
+            assert a in (demo.MODALITY_OPEN_ANSWER[f["modality"]], f["organ"]), q
         else:
             continue
         checked += 1

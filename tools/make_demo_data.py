@@ -15,7 +15,7 @@ answers each question with its most common training answer
 reads the image.
 
     python tools/make_demo_data.py --out /tmp/demo_data [--seed 0] [--num-images 400]
-        [--vqa-train-per-answer 60] [--vqa-test-per-answer 8]
+        [--vqa-train-per-answer 60] [--vqa-test-per-answer 6]
 
 Output (all paths relative to --out; images are referenced by file name, LLaVA-Med style):
     images/synth_XXXXX.png   RGB PNGs, --image-size pixels square
@@ -604,14 +604,23 @@ def vqa_pool(f: Findings):
                      "CLOSED"))
     # Negatives come from the same family only: an abdominal CT does show the liver and colon.
     if f.modality == "pathology":
+        family, organ_choice = TISSUES, "Is this {a} or {b} tissue?"
         pool += [(f"Is this {tissue} tissue?", yes_no(tissue == f.organ), "CLOSED")
                  for tissue in TISSUES]
     else:
+        family, organ_choice = REGIONS, "Does this image show the {a} or the {b}?"
         pool += [(f"Does this image show the {region}?", yes_no(region == f.organ), "CLOSED")
                  for region in REGIONS]
-    if f.modality in ("CT", "MRI"):
-        pool += [(f"Is this {article(a)} {a} or {article(b)} {b}?", f.modality, "CLOSED")
-                 for a, b in (("CT", "MRI"), ("MRI", "CT"))]
+    # "A or B" choices, in both orders, between the image's modality (organ) and each other.
+    own = MODALITY_OPEN_ANSWER[f.modality]
+    for other in MODALITY_OPEN_ANSWER.values():
+        if other != own:
+            pool += [(f"Is this {article(a)} {a} or {article(b)} {b} image?", own, "CLOSED")
+                     for a, b in ((own, other), (other, own))]
+    for other in family:
+        if other != f.organ:
+            pool += [(organ_choice.format(a=a, b=b), f.organ, "CLOSED")
+                     for a, b in ((f.organ, other), (other, f.organ))]
     if f.count:
         pool += [
             (f"Is there more than one {noun}?", yes_no(f.count > 1), "CLOSED"),
@@ -686,7 +695,7 @@ def findings_record(f: Findings) -> dict:
 
 
 def build(out: str, seed: int = 0, num_images: int = 400, image_size: int = 64,
-          test_fraction: float = 0.2, vqa_max_per_answer: tuple[int, int] = (60, 8),
+          test_fraction: float = 0.2, vqa_max_per_answer: tuple[int, int] = (60, 6),
           vocab_size: int = 1000, tokenizer: bool = True, verbose: bool = True) -> dict:
     """Writes the data set to `out`; returns a summary dict (counts and paths).
 
@@ -779,7 +788,7 @@ def main(argv=None) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--vqa-train-per-answer", type=int, default=60,
                         help="at most this many train questions per question text and answer")
-    parser.add_argument("--vqa-test-per-answer", type=int, default=8,
+    parser.add_argument("--vqa-test-per-answer", type=int, default=6,
                         help="the same for the test questions")
     parser.add_argument("--vocab-size", type=int, default=1000)
     parser.add_argument("--no-tokenizer", action="store_true", help="skip training the tokenizer")

@@ -589,8 +589,9 @@ def yes_no(flag: bool) -> str:
 def vqa_pool(f: Findings):
     """Every (question, answer, answer_type) this image supports, all read off the drawing.
 
-    Yes/no questions are asked in every variant (each modality, each organ of the image's
-    family, each side), so `balance_by_question` finds yes and no answers for each text.
+    Yes/no questions and "A or B" choices are asked in every variant (each modality, each
+    organ of the image's family, each side, both orders), so that `balance_by_question`
+    finds each answer of each text.
     """
     noun = f.noun
     pool = [

@@ -130,7 +130,7 @@ def test_vqa_answers_match_findings(built):
     checked = 0
     for e in _load(built, "vqa/train.json") + _load(built, "vqa/test.json"):
         f = findings[e["image"]]
-        q = e["conversations"][0]["value"].split("\n", 1)[1]
+        q = e["conversations"][0]["value"].split("\n", 1)[1].split(" (Answer with either")[0]
         a = e["conversations"][1]["value"]
         if q.startswith("How many"):
             assert a == str(f["count"])
@@ -148,6 +148,15 @@ def test_vqa_answers_match_findings(built):
             assert a == f["size"]
         elif "left or right side" in q:
             assert a == f["side"]
+        elif m := re.fullmatch(r"Is this an? (\S+) image\?", q):
+            modality = {"histopathology": "pathology"}.get(m.group(1), m.group(1))
+            assert a == ("yes" if f["modality"] == modality else "no")
+        elif m := re.fullmatch(r"(?:Does this image show the (\w+)|Is this (\w+) tissue)\?", q):
+            assert a == ("yes" if f["organ"] in m.groups() else "no")
+        elif m := re.fullmatch(r"Is the .+ in the (left|right) \w+\?", q):
+            assert f["location"] and a == ("yes" if f["side"] == m.group(1) else "no")
+        elif " or " in q:  # a choice between the image's modality (organ) and another
+            assert a in (demo.MODALITY_OPEN_ANSWER[f["modality"]], f["organ"]), q
         else:
             continue
         checked += 1
@@ -188,6 +197,51 @@ def test_drawn_lesions_match_findings(built):
     assert max(areas["small"]) < min(areas["large"])
 
 
+def _question(record):
+    return record["conversations"][0]["value"]
+
+
+def test_each_question_gets_each_of_its_answers_equally_often(built):
+    """The image-blind prior (most common training answer per question) is at chance."""
+    for split in ("train", "test"):
+        answers = {}
+        for e in _load(built, f"vqa/{split}.json"):
+            answers.setdefault(_question(e), []).append(e["conversations"][1]["value"])
+        assert len(answers) > 10
+        for question, given in answers.items():
+            counts = {a: given.count(a) for a in given}
+            assert len(counts) >= 2 and len(set(counts.values())) == 1, (question, counts)
+    # Every kind of question survives the balancing at this size, open and closed.
+    questions = {_question(e) for e in _load(built, "vqa/train.json")}
+    for start in ("Is there a", "Is this a", "Does this image show", "Which organ",
+                  "What imaging modality", "How many", "Is the", "Where is", "What is the size"):
+        assert any(q.split("\n", 1)[1].startswith(start) for q in questions), start
+
+
+def test_balance_by_question_rules():
+    def item(k, question, answer):
+        return demo.VQAItem(f"q{k}", "x.png", question, answer, "CLOSED")
+
+    items = [item(0, "A?", "yes"), item(1, "B?", "no"), item(2, "A?", "yes"),
+             item(3, "A?", "no"), item(4, "C?", "1"), item(5, "A?", "yes"),
+             item(6, "C?", "2"), item(7, "C?", "3"), item(8, "C?", "1"), item(9, "C?", "2")]
+    kept = demo.balance_by_question(items, np.random.default_rng(0), max_per_answer=5)
+    ids = [it.qid for it in kept]
+    assert ids == sorted(ids, key=lambda q: int(q[1:]))  # original order
+    by = {}
+    for it in kept:
+        by.setdefault(it.question, []).append(it.answer)
+    # A?: yes 3, no 1 -> one of each; B?: one answer only -> dropped; C?: 1, 2, 3 once each.
+    assert sorted(by["A?"]) == ["no", "yes"] and "q3" in ids
+    assert "B?" not in by
+    assert sorted(by["C?"]) == ["1", "2", "3"] and "q7" in ids
+    capped = demo.balance_by_question(items, np.random.default_rng(0), max_per_answer=1)
+    assert len(capped) == len(kept)
+    # Nothing to balance (every text has one answer): everything is kept, not nothing.
+    single = [items[1], items[4]]
+    assert demo.balance_by_question(single, np.random.default_rng(0), 5) == single
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="image-size"):
         demo.build("/nonexistent", image_size=15, tokenizer=False, verbose=False)
@@ -196,10 +250,17 @@ def test_bad_arguments_raise():
 
 
 def test_tokenizer_loads_and_round_trips(built):
+    from exgra_jax.data.conversation import get_template
     from exgra_jax.data.tokenizer import load_tokenizer, special_token_ids
 
     tok = load_tokenizer(os.path.join(built, "tokenizer"))
     ids = special_token_ids(tok)
+    # Trained on the templated text: the system prompt is one piece per word, and a closed
+    # question with its options and role tags costs a few tokens per word too.
+    header = get_template("llava_v0").header
+    assert len(tok(header, add_special_tokens=False)["input_ids"]) <= len(header.split()) + 4
+    prompt = get_template("llava_v0").prompt(_question(_load(built, "vqa/test.json")[0]))
+    assert len(tok(prompt, add_special_tokens=False)["input_ids"]) < len(prompt) / 3
     assert len({ids["pad"], ids["image_patch"], ids["im_start"], ids["im_end"]}) == 4
     caption = _load(built, "pretrain.json")[0]["conversations_long"][1]["value"]
     encoded = tok(caption, add_special_tokens=False)["input_ids"]

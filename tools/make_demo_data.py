@@ -8,7 +8,14 @@ on the image's left) and a size (small/large). All text (captions, instructions,
 answers) is generated from those drawn findings by templates, so every answer can be read off
 the image and a trained model can beat an untrained one. Nothing here is medical data.
 
+The VQA questions are balanced per question text: every text (say "Is this a CT image?") gets
+each of its answers equally often, in train and in test, so the image-blind baseline that
+answers each question with its most common training answer
+(`python -m exgra_jax.eval.question_prior`) is at chance, and beating it shows that a model
+reads the image.
+
     python tools/make_demo_data.py --out /tmp/demo_data [--seed 0] [--num-images 400]
+        [--vqa-train-per-answer 60] [--vqa-test-per-answer 6]
 
 Output (all paths relative to --out; images are referenced by file name, LLaVA-Med style):
     images/synth_XXXXX.png   RGB PNGs, --image-size pixels square
@@ -19,7 +26,9 @@ Output (all paths relative to --out; images are referenced by file name, LLaVA-M
                              LLaVA-Med VQA format (OPEN and CLOSED questions, options appended
                              to closed ones) and the open-answer candidate list
     findings.json            the drawn ground truth per image (split, modality, organ, lesions)
-    tokenizer/               a small LLaMA-style BPE tokenizer (Hugging Face format)
+    tokenizer/               a small LLaMA-style BPE tokenizer (Hugging Face format), trained
+                             on the conversations as the llava_v0 template renders them, so
+                             the system prompt and role tags cost one token per word
     README.txt               says that all of the above is synthetic
 
 The output is a deterministic function of the flags (same --seed, same bytes).
@@ -28,6 +37,7 @@ The output is a deterministic function of the flags (same --seed, same bytes).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -38,13 +48,21 @@ from PIL import Image
 # Runnable as a script from the repository root without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from exgra_jax.data.tfds.vqa_export import VQAItem, export_vqa, write_json  # noqa: E402
+from exgra_jax.data.conversation import get_template, normalize_turns  # noqa: E402
+from exgra_jax.data.tfds.vqa_export import (  # noqa: E402
+    IMAGE_PLACEHOLDER,
+    VQAItem,
+    export_vqa,
+    write_json,
+)
 
 SYNTHETIC_NOTICE = (
     "SYNTHETIC DATA: procedurally drawn images and template-generated text for demos and "
     "tests. Not real medical images, not medical advice, no patient data."
 )
 
+# The conversation template of configs/demo.py (the default, ExGra-Med's llava_v0).
+DEMO_TEMPLATE = "llava_v0"
 # (modality, organ) pairs that get drawn, each equally often.
 SCAN_TYPES = [
     ("CT", "brain"),
@@ -568,31 +586,42 @@ def yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def vqa_pool(f: Findings, rng: np.random.Generator):
-    """Every (question, answer, answer_type) this image supports; all read off the drawing."""
+def vqa_pool(f: Findings):
+    """Every (question, answer, answer_type) this image supports, all read off the drawing.
+
+    Yes/no questions and "A or B" choices are asked in every variant (each modality, each
+    organ of the image's family, each side, both orders), so that `balance_by_question`
+    finds each answer of each text.
+    """
     noun = f.noun
-    asked_mod = f.modality if rng.random() < 0.5 else str(
-        rng.choice([m for m in MODALITY_OPEN_ANSWER if m != f.modality]))
-    # Negatives come from the same family only: an abdominal CT does show the liver and colon.
-    family = TISSUES if f.modality == "pathology" else REGIONS
-    asked_organ = f.organ if rng.random() < 0.5 else str(
-        rng.choice([o for o in family if o != f.organ]))
-    organ_q = (f"Is this {asked_organ} tissue?" if f.modality == "pathology"
-               else f"Does this image show the {asked_organ}?")
-    mod_word = "histopathology" if asked_mod == "pathology" else asked_mod
     pool = [
-        (f"Is there {article(noun)} {noun} in this image?", yes_no(f.count > 0), "CLOSED"),
-        (f"Is this {article(mod_word)} {mod_word} image?", yes_no(asked_mod == f.modality),
-         "CLOSED"),
-        (organ_q, yes_no(asked_organ == f.organ), "CLOSED"),
         ("What imaging modality was used?", MODALITY_OPEN_ANSWER[f.modality], "OPEN"),
+        (f"Is there {article(noun)} {noun} in this image?", yes_no(f.count > 0), "CLOSED"),
         ("Which organ is shown?", f.organ, "OPEN"),
         (f"How many {plural(noun, 2)} are there?", str(f.count), "OPEN"),
     ]
-    if f.modality in ("CT", "MRI"):
-        pair = ["CT", "MRI"] if rng.random() < 0.5 else ["MRI", "CT"]
-        pool.append((f"Is this {article(pair[0])} {pair[0]} or {article(pair[1])} {pair[1]}?",
-                     f.modality, "CLOSED"))
+    for modality, word in MODALITY_OPEN_ANSWER.items():
+        pool.append((f"Is this {article(word)} {word} image?", yes_no(modality == f.modality),
+                     "CLOSED"))
+    # Negatives come from the same family only: an abdominal CT does show the liver and colon.
+    if f.modality == "pathology":
+        family, organ_choice = TISSUES, "Is this {a} or {b} tissue?"
+        pool += [(f"Is this {tissue} tissue?", yes_no(tissue == f.organ), "CLOSED")
+                 for tissue in TISSUES]
+    else:
+        family, organ_choice = REGIONS, "Does this image show the {a} or the {b}?"
+        pool += [(f"Does this image show the {region}?", yes_no(region == f.organ), "CLOSED")
+                 for region in REGIONS]
+    # "A or B" choices, in both orders, between the image's modality (organ) and each other.
+    own = MODALITY_OPEN_ANSWER[f.modality]
+    for other in MODALITY_OPEN_ANSWER.values():
+        if other != own:
+            pool += [(f"Is this {article(a)} {a} or {article(b)} {b} image?", own, "CLOSED")
+                     for a, b in ((own, other), (other, own))]
+    for other in family:
+        if other != f.organ:
+            pool += [(organ_choice.format(a=a, b=b), f.organ, "CLOSED")
+                     for a, b in ((f.organ, other), (other, f.organ))]
     if f.count:
         pool += [
             (f"Is there more than one {noun}?", yes_no(f.count > 1), "CLOSED"),
@@ -600,29 +629,57 @@ def vqa_pool(f: Findings, rng: np.random.Generator):
             (f"What is the size of the {noun}?", f.size, "OPEN"),
         ]
     if f.side:
-        asked_side = "left" if rng.random() < 0.5 else "right"
+        pool += [(f"Is the {noun} in the {LOCATION[f.organ].format(side=side)}?",
+                  yes_no(side == f.side), "CLOSED") for side in ("left", "right")]
         pool += [
-            (f"Is the {noun} in the {LOCATION[f.organ].format(side=asked_side)}?",
-             yes_no(asked_side == f.side), "CLOSED"),
             (f"Is the {noun} on the patient's left or right side?", f.side, "CLOSED"),
             (f"Where is the {noun} located?", f.location, "OPEN"),
         ]
     return pool
 
 
-def vqa_items(f: Findings, rng: np.random.Generator, per_image: int) -> list[VQAItem]:
-    pool = vqa_pool(f, rng)
-    picks = rng.permutation(len(pool))[:per_image]
+def vqa_items(f: Findings) -> list[VQAItem]:
     image = f"{f.image_id}.png"
-    return [
-        VQAItem(f"{f.image_id}_q{k}", image, pool[i][0], pool[i][1], pool[i][2])
-        for k, i in enumerate(sorted(int(i) for i in picks))
-    ]
+    return [VQAItem(f"{f.image_id}_q{k}", image, q, a, t)
+            for k, (q, a, t) in enumerate(vqa_pool(f))]
+
+
+def balance_by_question(items: list[VQAItem], rng: np.random.Generator,
+                        max_per_answer: int) -> list[VQAItem]:
+    """Keeps, for each question text, the same number of items of each of its answers.
+
+    That number is the count of the text's rarest answer, at most `max_per_answer`; the items
+    kept are drawn at random, and texts with a single answer are dropped. Answering a question
+    from its text alone (the most common answer to it in training) then does no better than
+    chance, so only a model that reads the image beats that prior. Order is preserved.
+    A split too small to balance at all (a handful of images, as in test fixtures) keeps every
+    item rather than none.
+    """
+    by_question: dict[str, dict[str, list[int]]] = {}
+    for index, item in enumerate(items):
+        by_question.setdefault(item.question, {}).setdefault(item.answer, []).append(index)
+    keep = []
+    for by_answer in by_question.values():
+        if len(by_answer) < 2:
+            continue
+        n = min(max_per_answer, *(len(indices) for indices in by_answer.values()))
+        for indices in by_answer.values():
+            keep += rng.choice(indices, size=n, replace=False).tolist()
+    return [items[i] for i in sorted(keep)] if keep else list(items)
 
 
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
+
+
+def rendered_text(conversation) -> str:
+    """A conversation as the model reads it: in the conversation template (system prompt,
+    role tags, the options of closed questions), which the tokenizer must then encode in few
+    tokens; the image placeholder becomes image tokens, so it is left out."""
+    turns = [(role, text.replace(IMAGE_PLACEHOLDER, "").strip())
+             for role, text in normalize_turns(conversation)]
+    return get_template(DEMO_TEMPLATE).render(turns)[0]
 
 
 def findings_record(f: Findings) -> dict:
@@ -639,9 +696,12 @@ def findings_record(f: Findings) -> dict:
 
 
 def build(out: str, seed: int = 0, num_images: int = 400, image_size: int = 64,
-          test_fraction: float = 0.2, vqa_per_image: int = 5, vocab_size: int = 1000,
-          tokenizer: bool = True, verbose: bool = True) -> dict:
-    """Writes the data set to `out`; returns a summary dict (counts and paths)."""
+          test_fraction: float = 0.2, vqa_max_per_answer: tuple[int, int] = (60, 6),
+          vocab_size: int = 1000, tokenizer: bool = True, verbose: bool = True) -> dict:
+    """Writes the data set to `out`; returns a summary dict (counts and paths).
+
+    `vqa_max_per_answer` caps (train, test) questions per question text and answer.
+    """
     if num_images < 2:
         raise ValueError("--num-images must be at least 2 (one train and one test image)")
     if image_size < 16 or image_size % 2:
@@ -662,7 +722,7 @@ def build(out: str, seed: int = 0, num_images: int = 400, image_size: int = 64,
         Image.fromarray(pixels).save(os.path.join(image_dir, f"{f.image_id}.png"), optimize=False)
         all_findings.append(f)
         text_rng = np.random.default_rng(image_seeds(seed, index)[4])
-        vqa[split] += vqa_items(f, text_rng, vqa_per_image)
+        vqa[split] += vqa_items(f)
         if split == "train":
             prompt = "<image>\n" + str(text_rng.choice(CAPTION_PROMPTS))
             pretrain.append({
@@ -681,6 +741,9 @@ def build(out: str, seed: int = 0, num_images: int = 400, image_size: int = 64,
                 "conversations_long": to_conversations(turns, long=True),
             })
 
+    for k, split in enumerate(("train", "test")):
+        balance_rng = np.random.default_rng(np.random.SeedSequence([seed, 2**31 + 1 + k]))
+        vqa[split] = balance_by_question(vqa[split], balance_rng, vqa_max_per_answer[k])
     write_json(os.path.join(out, "pretrain.json"), pretrain)
     write_json(os.path.join(out, "instruct.json"), instruct)
     write_json(os.path.join(out, "findings.json"), [findings_record(f) for f in all_findings])
@@ -691,10 +754,13 @@ def build(out: str, seed: int = 0, num_images: int = 400, image_size: int = 64,
     if tokenizer:
         from exgra_jax.data.tokenizer import train_tokenizer
 
-        texts = [t["value"] for rec in pretrain + instruct
-                 for key in ("conversations", "conversations_long") for t in rec[key]]
-        texts += [it.question + " " + it.answer for items in vqa.values() for it in items]
-        train_tokenizer(texts, os.path.join(out, "tokenizer"), vocab_size=vocab_size)
+        conversations = [rec[key] for rec in pretrain + instruct
+                         for key in ("conversations", "conversations_long")]
+        for split in vqa:
+            with open(os.path.join(out, "vqa", f"{split}.json"), encoding="utf-8") as fh:
+                conversations += [rec["conversations"] for rec in json.load(fh)]
+        train_tokenizer(map(rendered_text, conversations), os.path.join(out, "tokenizer"),
+                        vocab_size=vocab_size)
 
     summary = {
         "out": out,
@@ -721,12 +787,16 @@ def main(argv=None) -> None:
     parser.add_argument("--num-images", type=int, default=400)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--vqa-per-image", type=int, default=5)
+    parser.add_argument("--vqa-train-per-answer", type=int, default=60,
+                        help="at most this many train questions per question text and answer")
+    parser.add_argument("--vqa-test-per-answer", type=int, default=6,
+                        help="the same for the test questions")
     parser.add_argument("--vocab-size", type=int, default=1000)
     parser.add_argument("--no-tokenizer", action="store_true", help="skip training the tokenizer")
     args = parser.parse_args(argv)
     build(args.out, seed=args.seed, num_images=args.num_images, image_size=args.image_size,
-          test_fraction=args.test_fraction, vqa_per_image=args.vqa_per_image,
+          test_fraction=args.test_fraction,
+          vqa_max_per_answer=(args.vqa_train_per_answer, args.vqa_test_per_answer),
           vocab_size=args.vocab_size, tokenizer=not args.no_tokenizer)
 
 

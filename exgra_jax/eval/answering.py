@@ -255,8 +255,9 @@ def answer_questions(
             answered[id_key(q.id)] = record
         if writer:
             write_ordered(out_path, questions, answered)
-        done += len(batch)
-        if progress is not None:
+        before, done = done, done + len(batch)
+        # About ten progress lines per run, whatever the number of batches.
+        if progress is not None and (10 * done // len(pending) > 10 * before // len(pending)):
             progress(done, len(pending))
     complete = done_keys.union(id_key(q.id) for q in pending) >= set(keys)
     records = [answered[k] for k in keys if k in answered]

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from exgra_jax import parallel
 from exgra_jax.alignment.objective import AlignmentConfig, MultiGraphAlignment
 from exgra_jax.checkpoint import Checkpointer, param_shapes
+from exgra_jax.models import lora
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import state as st
@@ -299,6 +300,10 @@ def build(config, total_steps: int, devices=None) -> Run:
     num_groups = parallel.batch_shard_count(mesh)
     rules = [tuple(r) for r in config.rules]
     init_fn, boxed = abstract_boxed_params(mcfg, acfg, num_groups)
+    lcfg = lora.LoraConfig.from_config(config)
+    if lcfg is not None:  # LoRA: the adapters join the params (exgra_jax/models/lora.py)
+        init_fn = lora.with_init_adapters(init_fn, lcfg)
+        boxed = jax.eval_shape(init_fn, jax.random.key(0))
     unboxed_abs = nn.unbox(boxed)
     mask = st.trainable_mask(unboxed_abs, config.train.trainable, config.train.frozen)
     tcfg = ml_collections.ConfigDict(config.train.to_dict())
@@ -307,14 +312,15 @@ def build(config, total_steps: int, devices=None) -> Run:
     optimizer = st.make_optimizer(tcfg)
     sharding = st.state_shardings(boxed, mask, optimizer, mesh, rules)
     parallel.check_divisible(unboxed_abs, sharding["params"])
-    abstract_state = jax.eval_shape(lambda p: st.init_state(p, mask, optimizer), unboxed_abs)
+    abstract_state = jax.eval_shape(
+        lambda p: st.init_state(lora.hold_base(p, lcfg), mask, optimizer), unboxed_abs)
 
     sc = StepConfig(
         model=mcfg, alignment=acfg, alignment_weight=config.alignment.weight,
         text_branch=config.alignment.text_branch,
         pool_include_padding=config.alignment.pool_include_padding,
         num_groups=num_groups, micro_batches=config.train.micro_batches, seed=config.train.seed,
-        text_pack_fraction=config.alignment.text_pack_fraction,
+        text_pack_fraction=config.alignment.text_pack_fraction, lora=lcfg,
     )
     rows = st.embedding_row_mask(unboxed_abs, config.train.trainable_embedding_rows) \
         if config.train.trainable_embedding_rows else None
@@ -340,14 +346,31 @@ def build(config, total_steps: int, devices=None) -> Run:
 
 def init_train_state(run: Run) -> dict:
     params = initial_params(run.config, run.model, run.init_fn, run.state_sharding["params"])
-    init = jax.jit(lambda p: st.init_state(p, run.mask, run.optimizer),
-                   out_shardings=run.state_sharding)
+    init = jax.jit(
+        lambda p: st.init_state(lora.hold_base(p, run.step_config.lora), run.mask, run.optimizer),
+        out_shardings=run.state_sharding)
     return init(params)
 
 
 def run_meta(run: Run) -> dict:
-    return {"model": run.model.to_dict(),
+    meta = {"model": run.model.to_dict(),
             "param_shapes": param_shapes(run.abstract_state["params"])}
+    if run.step_config.lora is not None:  # LoRA checkpoints do not hold the base: name it
+        meta["lora_base"] = run.config.init.to_dict()
+    return meta
+
+
+# ---- LoRA: a checkpoint holds the adapters and their optimizer state; the frozen base is
+# ---- reloaded from config.init on resume.
+def checkpointed(run: Run, state: dict) -> dict:
+    return state if run.step_config.lora is None else st.without_frozen(state, run.mask)
+
+
+def restored(run: Run, saved: dict) -> dict:
+    if run.step_config.lora is None:
+        return saved
+    base = initial_params(run.config, run.model, run.init_fn, run.state_sharding["params"])
+    return st.with_frozen(saved, lora.hold_base(base, run.step_config.lora), run.mask)
 
 
 # =============================================================================== loop
@@ -422,7 +445,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             run.abstract_state, run.state_sharding)
-        state = ckpt.restore(start, abstract, train_iter, expect_meta=meta)
+        state = restored(run, ckpt.restore(start, checkpointed(run, abstract), train_iter,
+                                           expect_meta=meta))
         log.info("resumed from step %d", start)
     else:
         state = init_train_state(run)
@@ -463,15 +487,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 if step == total:
                     last["eval"] = lm
             if evaluate_now and selection is not None:
-                last["val_vqa"] = selection.evaluate(step, state["params"], run.mesh, meta)
+                last["val_vqa"] = selection.evaluate(
+                    step, lora.with_adapters(state["params"], run.step_config.lora),
+                    run.mesh, meta)
                 writer.write(step, last["val_vqa"], "val_vqa")
             if preempt.agreed(ckpt, step):
-                ckpt.save(step, state, train_iter, meta, force=True)
+                ckpt.save(step, checkpointed(run, state), train_iter, meta, force=True)
                 ckpt.wait()
                 log.warning("checkpoint of step %d saved after SIGTERM; exiting", step)
                 return {"preempted_at": step, **last}
             if step % t.checkpoint_every == 0 or step == stop_at:
-                ckpt.save(step, state, train_iter, meta, force=step == stop_at)
+                ckpt.save(step, checkpointed(run, state), train_iter, meta,
+                          force=step == stop_at)
     finally:
         ckpt.close()
         if selection is not None:

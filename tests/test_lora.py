@@ -24,6 +24,7 @@ from exgra_jax.models.lora import (
     count,
     init_adapters,
     with_adapters,
+    with_init_adapters,
 )
 from exgra_jax.train import state as st
 from exgra_jax.train import trainer
@@ -203,3 +204,40 @@ def test_alignment_loss_alone_reaches_the_adapters(lora_run):
         assert float(jnp.abs(lora_g["llm"]["layers"]["attn"][name]["b"]).max()) > 0, name
     assert float(jnp.abs(lora_g["projector"]["linear_2"]["b"]).max()) > 0
     assert float(jnp.abs(jax.tree.leaves(g["alignment"])[0]).max()) > 0
+
+
+# ======================================================================== shipped configs
+LORA_CONFIGS = ("finetune_vqa_rad_lora_7b", "finetune_slake_lora_7b",
+                "finetune_pathvqa_lora_7b", "stage2_lora_7b")
+
+
+@pytest.mark.parametrize("name", LORA_CONFIGS)
+def test_lora_configs_adapt_attention_and_projector_of_the_7b_model(name):
+    import importlib.util
+    import os
+    import re
+
+    from flax import traverse_util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    lcfg = LoraConfig.from_config(c)
+    assert (lcfg.rank, lcfg.alpha, lcfg.base_dtype) == (16, 32.0, "bfloat16")
+    acfg = trainer.alignment_config(c)
+    init_fn, _ = trainer.abstract_boxed_params(trainer.model_config(c), acfg, 1)
+    boxed = jax.eval_shape(with_init_adapters(init_fn, lcfg), jax.random.key(0))
+    abstract = jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: hasattr(x, "names"))
+    mask = traverse_util.flatten_dict(st.trainable_mask(abstract, c.train.trainable,
+                                                        c.train.frozen), sep="/")
+    chosen = {p for p, m in mask.items() if m}
+    adapters = {p for p in chosen if p.startswith("lora/")}
+    expect = {f"lora/model/llm/layers/attn/{n}/{ab}" for n in "qkvo" for ab in "ab"} | {
+        f"lora/model/projector/linear_{i}/{ab}" for i in (1, 2) for ab in "ab"}
+    assert adapters == expect
+    assert chosen - adapters == {p for p in mask if re.match("alignment/", p)}
+    assert bool(chosen - adapters) == (name == "stage2_lora_7b")
+    q = traverse_util.flatten_dict(abstract, sep="/")["lora/model/llm/layers/attn/q/b"]
+    assert q.shape == (32, 16, 32, 128)  # [layers, rank, heads, head_dim]

@@ -10,12 +10,12 @@
 (finetune) A short VQA fine-tuning run and its LLaVA-Med scores on the demo's VQA test set:
     a starting model (configs/demo.py trained ``--base-steps`` steps on the instruction
     data only, never on the VQA questions) is fine-tuned ``--ft-steps`` steps on the demo's
-    VQA training questions with LoRA (and with full fine-tuning of projector + LLM, for
-    reference), alignment off as in the fine-tuning configs. The starting model is scored
+    VQA training questions with LoRA (and, unless ``--no-full``, with full fine-tuning of
+    projector + LLM, for reference), alignment off as in the fine-tuning configs. The starting model is scored
     through the same LoRA run at lr 0 (B = 0: the base itself).
 
   python tools/benchmarks/lora.py [--parts speed,finetune] [--repeats 5] [--rank 16]
-      [--data-dir DIR] [--base-steps 300] [--ft-steps 150]
+      [--data-dir DIR] [--base-steps 300] [--ft-steps 150] [--no-full]
 
 Prints a table per part, then one JSON line with the figures.
 """
@@ -111,7 +111,8 @@ def quiet_train(config, workdir: str) -> dict:
         return train_and_evaluate(config, workdir)
 
 
-def part_finetune(data_dir: str, base_steps: int, ft_steps: int, rank: int, lr: float) -> dict:
+def part_finetune(data_dir: str, base_steps: int, ft_steps: int, rank: int, lr: float,
+                  with_full: bool) -> dict:
     import importlib.util
 
     from exgra_jax.train.defaults import SELECT_METRIC
@@ -152,17 +153,17 @@ def part_finetune(data_dir: str, base_steps: int, ft_steps: int, rank: int, lr: 
     results["start"], _ = finetune("start", lambda c: lora_side(c, rank, no_align), 1, 0.0)
     results["lora"], lora_loss = finetune("lora", lambda c: lora_side(c, rank, no_align),
                                           ft_steps, lr)
-    results["full_ft"], full_loss = finetune("full_ft", lambda c: full_ft_side(c, no_align),
-                                             ft_steps, lr / 10)
-    rows = [(m, *(results[s].get(m, float("nan")) for s in ("start", "lora", "full_ft")))
-            for m in METRICS]
+    losses = {"lora": lora_loss}
+    if with_full:
+        results["full_ft"], losses["full_ft"] = finetune(
+            "full_ft", lambda c: full_ft_side(c, no_align), ft_steps, lr / 10)
+    rows = [(m, *(r.get(m, float("nan")) for r in results.values())) for m in METRICS]
     print(f"VQA on the demo test set; start: {base_steps} steps on instruction data; "
           f"fine-tuning: {ft_steps} steps on VQA train (LoRA r{rank} lr {lr:g}, "
           f"full lr {lr / 10:g})")
-    print(_common.table(("metric", "start", "lora", "full_ft"), rows))
+    print(_common.table(("metric", *results), rows))
     return {"scores": results, "base_steps": base_steps, "ft_steps": ft_steps, "rank": rank,
-            "lora_lr": lr, "full_lr": lr / 10, "final_loss": {"lora": lora_loss,
-                                                               "full_ft": full_loss}}
+            "lora_lr": lr, "full_lr": lr / 10, "final_loss": losses}
 
 
 def main():
@@ -175,6 +176,7 @@ def main():
     ap.add_argument("--base-steps", type=int, default=300)
     ap.add_argument("--ft-steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=2e-3, help="LoRA lr (full: a tenth of it)")
+    ap.add_argument("--no-full", action="store_true", help="(finetune) skip the full run")
     args = ap.parse_args()
     _common.set_xla_threads(args.xla_threads)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -185,7 +187,7 @@ def main():
     if "finetune" in parts:
         data = ensure_data(args.data_dir or tempfile.mkdtemp(prefix="lora_demo_data_"))
         out["finetune"] = part_finetune(data, args.base_steps, args.ft_steps, args.rank,
-                                        args.lr)
+                                        args.lr, not args.no_full)
     print(json.dumps(out, default=float))
 
 

@@ -16,6 +16,7 @@
 
   python tools/benchmarks/lora.py [--parts speed,finetune] [--repeats 5] [--rank 16]
       [--data-dir DIR] [--base-steps 300] [--ft-steps 150] [--no-full]
+      [--targets attn|all] [--base-workdir DIR]
 
 Prints a table per part, then one JSON line with the figures.
 """
@@ -39,11 +40,16 @@ from train_step import REPO, OurStep, demo_config, synthetic_batch  # noqa: E402
 METRICS = ("closed_accuracy", "open_recall", "exact_match", "f1", "bleu")
 
 
-def lora_side(c, rank: int, also_train=(r"^alignment/",)):
+# --targets: attention q/k/v/o + projector (the 7B recipe), or every decoder kernel too.
+TARGETS = {"attn": None, "all": (r"^model/llm/layers(_\d+)?/(attn|mlp)/\w+/kernel$",
+                                 r"^model/projector/linear_\d/kernel$")}
+
+
+def lora_side(c, rank: int, also_train=(r"^alignment/",), targets: str = "attn"):
     from exgra_jax.models.lora import ATTENTION_AND_PROJECTOR
     from exgra_jax.train.state import use_lora
 
-    use_lora(c, ATTENTION_AND_PROJECTOR, rank=rank, alpha=2.0 * rank, base_dtype="bfloat16",
+    use_lora(c, TARGETS[targets] or ATTENTION_AND_PROJECTOR, rank=rank, alpha=2.0 * rank, base_dtype="bfloat16",
              also_train=also_train)
     return c
 
@@ -112,7 +118,7 @@ def quiet_train(config, workdir: str) -> dict:
 
 
 def part_finetune(data_dir: str, base_steps: int, ft_steps: int, rank: int, lr: float,
-                  with_full: bool) -> dict:
+                  with_full: bool, targets: str, base_dir: str) -> dict:
     import importlib.util
 
     from exgra_jax.train.defaults import SELECT_METRIC
@@ -133,10 +139,11 @@ def part_finetune(data_dir: str, base_steps: int, ft_steps: int, rank: int, lr: 
         c.eval.select_metric = SELECT_METRIC
         return c
 
-    base_dir = os.path.join(root, "base")
-    base_cfg = config("instruct.json", base_steps)
-    base_cfg.eval.select_metric = ""
-    quiet_train(base_cfg, base_dir)
+    if not base_dir:
+        base_dir = os.path.join(root, "base")
+        base_cfg = config("instruct.json", base_steps)
+        base_cfg.eval.select_metric = ""
+        quiet_train(base_cfg, base_dir)
 
     def finetune(name, side, steps, side_lr):
         c = config(os.path.join("vqa", "train.json"), steps)
@@ -150,20 +157,22 @@ def part_finetune(data_dir: str, base_steps: int, ft_steps: int, rank: int, lr: 
 
     results = {}
     no_align = ()
-    results["start"], _ = finetune("start", lambda c: lora_side(c, rank, no_align), 1, 0.0)
-    results["lora"], lora_loss = finetune("lora", lambda c: lora_side(c, rank, no_align),
-                                          ft_steps, lr)
+    def lora_ft(c):
+        return lora_side(c, rank, no_align, targets)
+
+    results["start"], _ = finetune("start", lora_ft, 1, 0.0)
+    results["lora"], lora_loss = finetune("lora", lora_ft, ft_steps, lr)
     losses = {"lora": lora_loss}
     if with_full:
         results["full_ft"], losses["full_ft"] = finetune(
             "full_ft", lambda c: full_ft_side(c, no_align), ft_steps, lr / 10)
     rows = [(m, *(r.get(m, float("nan")) for r in results.values())) for m in METRICS]
     print(f"VQA on the demo test set; start: {base_steps} steps on instruction data; "
-          f"fine-tuning: {ft_steps} steps on VQA train (LoRA r{rank} lr {lr:g}, "
+          f"fine-tuning: {ft_steps} steps on VQA train (LoRA r{rank} on {targets} lr {lr:g}, "
           f"full lr {lr / 10:g})")
     print(_common.table(("metric", *results), rows))
     return {"scores": results, "base_steps": base_steps, "ft_steps": ft_steps, "rank": rank,
-            "lora_lr": lr, "full_lr": lr / 10, "final_loss": losses}
+            "targets": targets, "lora_lr": lr, "full_lr": lr / 10, "final_loss": losses}
 
 
 def main():
@@ -177,6 +186,8 @@ def main():
     ap.add_argument("--ft-steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=2e-3, help="LoRA lr (full: a tenth of it)")
     ap.add_argument("--no-full", action="store_true", help="(finetune) skip the full run")
+    ap.add_argument("--targets", default="attn", choices=sorted(TARGETS))
+    ap.add_argument("--base-workdir", default="", help="(finetune) a trained starting model")
     args = ap.parse_args()
     _common.set_xla_threads(args.xla_threads)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -187,7 +198,8 @@ def main():
     if "finetune" in parts:
         data = ensure_data(args.data_dir or tempfile.mkdtemp(prefix="lora_demo_data_"))
         out["finetune"] = part_finetune(data, args.base_steps, args.ft_steps, args.rank,
-                                        args.lr, not args.no_full)
+                                        args.lr, not args.no_full, args.targets,
+                                        args.base_workdir)
     print(json.dumps(out, default=float))
 
 

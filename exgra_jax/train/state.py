@@ -58,6 +58,30 @@ def merge(train: dict, frozen: dict) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def without_frozen(state: dict, mask: dict) -> dict:
+    """The state with only the trainable params: what a LoRA checkpoint holds (the frozen
+    base is reloaded from its source on resume)."""
+    return {**state, "params": split(state["params"], mask)[0]}
+
+
+def with_frozen(saved: dict, frozen_params: dict, mask: dict) -> dict:
+    """A state restored by ``without_frozen`` with the frozen params put back."""
+    return {**saved, "params": merge(saved["params"], split(frozen_params, mask)[1])}
+
+
+def use_lora(c, targets: Sequence[str], *, rank: int = 16, alpha: float = 32.0,
+             base_dtype: str = "bfloat16", also_train: Sequence[str] = ()) -> None:
+    """Turn a training config into a LoRA run (``exgra_jax.models.lora``): adapters on the
+    kernels matching ``targets``, the whole model frozen (held in ``base_dtype``), only the
+    adapters and the ``also_train`` patterns (e.g. the alignment GNN) trained."""
+    import ml_collections  # noqa: PLC0415
+
+    c.lora = ml_collections.ConfigDict(dict(enabled=True, targets=tuple(targets), rank=rank,
+                                            alpha=alpha, base_dtype=base_dtype))
+    c.train.trainable = (r"^lora/", *also_train)
+    c.train.frozen = (r"^model/",)
+
+
 def learning_rate_schedule(cfg) -> optax.Schedule:
     """Linear warmup over ``warmup_frac`` of the steps, then cosine to zero (as LLaVA)."""
     total = max(int(cfg.total_steps), 1)

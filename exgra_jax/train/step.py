@@ -25,7 +25,9 @@ import optax
 
 from exgra_jax.alignment.objective import AlignmentConfig, MultiGraphAlignment, masked_mean
 from exgra_jax.models.config import ModelConfig
+from exgra_jax.models.layers import dtype_of
 from exgra_jax.models.llava import LlavaModel
+from exgra_jax.models.lora import LoraConfig, with_adapters
 from exgra_jax.train.state import merge, split
 
 IGNORE = -100
@@ -46,6 +48,7 @@ class StepConfig:
     # Packed text-branch rows per batch shard, as a fraction of the padded branch tokens
     # (rounded up to whole rows of max(response_len, caption_len)); 0: always padded.
     text_pack_fraction: float = 0.25
+    lora: LoraConfig | None = None  # LoRA: adapters folded into their kernels per forward
 
 
 def lm_loss_sums(logits_btv, labels_bt, example_mask_b):
@@ -170,6 +173,7 @@ def text_branch_vectors(model: LlavaModel, params, batch, sc: StepConfig):
 def forward_loss(params, batch, rng, sc: StepConfig, total_tokens, deterministic=False):
     """Loss of one micro-batch, scaled so that summing over micro-batches gives the
     batch loss; plus unscaled metrics."""
+    params = with_adapters(params, sc.lora, dtype_of(sc.model.dtype))
     model = LlavaModel(sc.model)
     logits, feats = model.apply(
         {"params": params["model"]}, batch["input_ids"], batch["pixel_values"],
@@ -278,6 +282,7 @@ def make_eval_step(sc: StepConfig):
     """eval_step(params, batch) -> sums of NLL and supervised tokens (LM loss only)."""
 
     def eval_step(params, batch):
+        params = with_adapters(params, sc.lora, dtype_of(sc.model.dtype))
         model = LlavaModel(sc.model)
         logits = model.apply({"params": params["model"]}, batch["input_ids"],
                              batch["pixel_values"], batch["attention_mask"])

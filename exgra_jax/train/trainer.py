@@ -31,6 +31,7 @@ from exgra_jax.config_paths import (
     check_config_paths,
     default_tokenizer,
 )
+from exgra_jax.models import lora
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import state as st
@@ -194,8 +195,8 @@ def initial_params(config, mcfg, init_fn, abstract: dict) -> dict:
     if src == "random":
         params = fresh(tuple(abstract))
     elif src == "workdir":
-        restored = params_from_workdir(config.init.workdir, abstract)
-        params = {**fresh(tuple(k for k in abstract if k not in restored)), **restored}
+        from_workdir = params_from_workdir(config.init.workdir, abstract)
+        params = {**fresh(tuple(k for k in abstract if k not in from_workdir)), **from_workdir}
     else:
         loaded = hf_model_params(config, mcfg)
         if param_shapes(loaded) != param_shapes(abstract["model"]):
@@ -229,10 +230,10 @@ def params_from_workdir(workdir: str, abstract: dict) -> dict:
             diff = sorted(set(map(str, mine.items())) ^ set(map(str, theirs.items())))[:5]
             raise ValueError(f"init.workdir {workdir} step {step}: {key} params differ from "
                              f"this config's: {diff}")
-    restored = ckpt.restore_params(step, {k: abstract[k] for k in common})
+    params = ckpt.restore_params(step, {k: abstract[k] for k in common})
     ckpt.close()
     log.info("initialised %s from %s step %d", common, workdir, step)
-    return restored
+    return params
 
 
 # =============================================================================== metrics
@@ -335,6 +336,10 @@ def build(config, total_steps: int, devices=None) -> Run:
     num_groups = parallel.batch_shard_count(mesh)
     rules = [tuple(r) for r in config.rules]
     init_fn, boxed = abstract_boxed_params(mcfg, acfg, num_groups)
+    lcfg = lora.LoraConfig.from_config(config)
+    if lcfg is not None:  # LoRA: the adapters join the params (exgra_jax/models/lora.py)
+        init_fn = lora.with_init_adapters(init_fn, lcfg)
+        boxed = jax.eval_shape(init_fn, jax.random.key(0))
     unboxed_abs = nn.unbox(boxed)
     mask = st.trainable_mask(unboxed_abs, config.train.trainable, config.train.frozen)
     tcfg = ml_collections.ConfigDict(config.train.to_dict())
@@ -343,14 +348,15 @@ def build(config, total_steps: int, devices=None) -> Run:
     optimizer = st.make_optimizer(tcfg)
     sharding = st.state_shardings(boxed, mask, optimizer, mesh, rules)
     parallel.check_divisible(unboxed_abs, sharding["params"])
-    abstract_state = jax.eval_shape(lambda p: st.init_state(p, mask, optimizer), unboxed_abs)
+    abstract_state = jax.eval_shape(
+        lambda p: st.init_state(lora.hold_base(p, lcfg), mask, optimizer), unboxed_abs)
 
     sc = StepConfig(
         model=mcfg, alignment=acfg, alignment_weight=config.alignment.weight,
         text_branch=config.alignment.text_branch,
         pool_include_padding=config.alignment.pool_include_padding,
         num_groups=num_groups, micro_batches=config.train.micro_batches, seed=config.train.seed,
-        text_pack_fraction=config.alignment.text_pack_fraction,
+        text_pack_fraction=config.alignment.text_pack_fraction, lora=lcfg,
     )
     rows = st.embedding_row_mask(unboxed_abs, config.train.trainable_embedding_rows) \
         if config.train.trainable_embedding_rows else None
@@ -374,19 +380,43 @@ def build(config, total_steps: int, devices=None) -> Run:
                init_fn, train_step, eval_step, schedule)
 
 
+def abstract_initial_params(run: Run) -> dict:
+    """The parameters as sources provide them (param_dtype everywhere), with shardings; the
+    train state may then hold a frozen LoRA base in another dtype (``lora.hold_base``)."""
+    shapes = jax.eval_shape(lambda r: nn.unbox(run.init_fn(r)), jax.random.key(0))
+    return sharded_abstract(shapes, run.state_sharding["params"])
+
+
 def init_train_state(run: Run) -> dict:
-    abstract = sharded_abstract(run.abstract_state, run.state_sharding)
-    params = initial_params(run.config, run.model, run.init_fn, abstract["params"])
-    init = jax.jit(lambda p: st.init_state(p, run.mask, run.optimizer),
-                   out_shardings=run.state_sharding)
+    params = initial_params(run.config, run.model, run.init_fn, abstract_initial_params(run))
+    init = jax.jit(
+        lambda p: st.init_state(lora.hold_base(p, run.step_config.lora), run.mask, run.optimizer),
+        out_shardings=run.state_sharding)
     state = init(params)
-    check_against_abstract(state, abstract, "initial train state")
+    check_against_abstract(state, sharded_abstract(run.abstract_state, run.state_sharding),
+                           "initial train state")
     return state
 
 
 def run_meta(run: Run) -> dict:
-    return {"model": run.model.to_dict(),
+    meta = {"model": run.model.to_dict(),
             "param_shapes": param_shapes(run.abstract_state["params"])}
+    if run.step_config.lora is not None:  # LoRA checkpoints do not hold the base: name it
+        meta["lora_base"] = run.config.init.to_dict()
+    return meta
+
+
+# ---- LoRA: a checkpoint holds the adapters and their optimizer state; the frozen base is
+# ---- reloaded from config.init on resume.
+def checkpointed(run: Run, state: dict) -> dict:
+    return state if run.step_config.lora is None else st.without_frozen(state, run.mask)
+
+
+def restored(run: Run, saved: dict) -> dict:
+    if run.step_config.lora is None:
+        return saved
+    base = initial_params(run.config, run.model, run.init_fn, abstract_initial_params(run))
+    return st.with_frozen(saved, lora.hold_base(base, run.step_config.lora), run.mask)
 
 
 # =============================================================================== loop
@@ -532,7 +562,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     meta = run_meta(run)
     if start is not None:
         abstract = sharded_abstract(run.abstract_state, run.state_sharding)
-        state = ckpt.restore(start, abstract, train_iter, expect_meta=meta)
+        state = restored(run, ckpt.restore(start, checkpointed(run, abstract), train_iter,
+                                           expect_meta=meta))
         check_against_abstract(state, abstract, f"checkpoint of step {start}")
     else:
         state = init_train_state(run)
@@ -559,7 +590,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             if step == total:
                 out["eval"] = lm
         if selection is not None:
-            out["val_vqa"] = selection.evaluate(step, params, run.mesh, meta)
+            out["val_vqa"] = selection.evaluate(
+                step, lora.with_adapters(params, run.step_config.lora), run.mesh, meta)
             writer.write(step, out["val_vqa"], "val_vqa")
         return out
 
@@ -591,7 +623,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 writer.write(step, metrics)
                 last = metrics
             if interrupt.agreed(ckpt, step, sync=log_now):
-                ckpt.save(step, state, train_iter, meta, force=True)
+                ckpt.save(step, checkpointed(run, state), train_iter, meta, force=True)
                 ckpt.wait()
                 print(f"checkpoint of step {step} saved in {ckpt.directory}; rerun the same "
                       "command to resume", flush=True)
@@ -599,7 +631,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             evaluate_now = bool(t.eval_every and step % t.eval_every == 0) or step == total
             # Save before evaluating: an evaluation failure must never cost training.
             if step % t.checkpoint_every == 0 or step == stop_at or evaluate_now:
-                ckpt.save(step, state, train_iter, meta, force=step == stop_at or evaluate_now)
+                ckpt.save(step, checkpointed(run, state), train_iter, meta,
+                          force=step == stop_at or evaluate_now)
             if evaluate_now:
                 ckpt.wait()
                 last.update(evaluate(step, state["params"]))

@@ -1,0 +1,22 @@
+"""Fine-tune ExGra-Med 7B on VQA-RAD with LoRA (rank 16, alpha 32, on the attention q/k/v/o
+of every decoder layer and the projector; the base frozen in bfloat16).
+
+    python launch/train.py --config=configs/finetune_vqa_rad_lora_7b.py:TFDS,VQA_JSON \
+        --workdir=DIR --config.init.hf_dir=STAGE2_HF
+
+Everything else as ``finetune_vqa_rad_7b.py`` (data, 15 epochs, batch 64, best-step
+selection); lr 2e-4, LLaVA's LoRA rate. Checkpoints hold the adapters and their optimizer
+state only; on resume the base is reloaded from ``init``. Export: ``exgra_jax.convert.peft``
+(PEFT adapters, or the merged model as llava-hf).
+"""
+
+from exgra_jax.models.lora import ATTENTION_AND_PROJECTOR
+from exgra_jax.train.defaults import finetune_vqa_config
+from exgra_jax.train.state import use_lora
+
+
+def get_config(arg: str | None = None):
+    c = finetune_vqa_config("vqa_rad", arg, lr=2e-4, batch=64, eval_split="test",
+                            eval_every=100)
+    use_lora(c, ATTENTION_AND_PROJECTOR, rank=16, alpha=32.0, base_dtype="bfloat16")
+    return c

@@ -338,6 +338,29 @@ def test_llava_med_v15_evaluates_on_vqa_rad_as_documented(vqa_rad, v15_release, 
     assert printed["num_questions"] == 2 and printed["num_skipped"] == 0
 
 
+def test_lora_finetune_trains_adapters_selects_and_exports_the_merged_best(vqa_rad, stage2,
+                                                                           tmp_path):
+    tfds_dir, vqa_json, images = vqa_rad
+    workdir = str(tmp_path / "run")
+    out = train(f"configs/finetune_vqa_rad_lora_7b.py:{tfds_dir},{vqa_json},mini", workdir,
+                f"--config.init.hf_dir={stage2[2]}", f"--config.eval.image_folder={images}")
+    assert "[val_vqa @ 4]" in out.stdout
+    _, state = saved_state(workdir)
+    assert set(state["params"]) == {"lora"}  # adapters only; the base is init.hf_dir's
+    printed = json.loads(run("launch/eval.py", f"--workdir={workdir}", "--task=vqa",
+                             "--step=best").stdout.strip().splitlines()[-1])
+    assert printed["num_questions"] == 2
+    to_hf(workdir, str(tmp_path / "hf"), "--step", "best")  # the merged best step
+
+
+def test_stage2_lora_trains_adapters_and_the_gnn(data_root, stage1, tmp_path):
+    train(f"configs/stage2_lora_7b.py:{data_root},mini", str(tmp_path),
+          f"--config.init.hf_dir={stage1[1]}")
+    _, state = saved_state(str(tmp_path))
+    assert set(state["params"]) == {"lora", "alignment"}
+    assert_fp32_master_state(state)
+
+
 # ------------------------------------------------------------------------------ recipes
 # Every config file but the demo (which is run whole by make demo).
 SHIPPED = tuple(sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))

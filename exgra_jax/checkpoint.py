@@ -103,11 +103,17 @@ class Checkpointer:
         return out["state"]
 
     def restore_params(self, step: int, abstract_params: dict) -> dict:
-        """Only ``state['params']`` parts named by ``abstract_params`` (sharded
-        ShapeDtypeStructs, e.g. ``{'model': ...}``): an orbax partial restore that never
-        reads the optimizer state, so a model needs memory for its weights alone."""
+        """Only ``state['params']`` parts named by ``abstract_params`` (ShapeDtypeStructs,
+        e.g. ``{'model': ...}``): an orbax partial restore that never reads the optimizer
+        state, so a model needs memory for its weights alone. Leaves with a sharding come
+        back as arrays placed by it; without, as host numpy arrays (no device copy: what
+        conversion tensor by tensor needs)."""
         item = {"params": abstract_params}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        if all(getattr(x, "sharding", None) is not None for x in jax.tree.leaves(item)):
+            restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        else:
+            restore_args = jax.tree.map(
+                lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), item)
         out = ocp.PyTreeCheckpointer().restore(
             self.manager.directory / str(step) / "state",
             args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True))

@@ -30,14 +30,12 @@ FORMATS = {"llava-hf": "llava_hf", "llava-med": "llava_med", "clip-llama": "clip
 
 
 def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> str:
-    import jax
 
     from exgra_jax import paths
     from exgra_jax.checkpoint import Checkpointer
     from exgra_jax.convert.hf import save_llava
     from exgra_jax.eval.checkpoint_loading import checkpoint_directory, restore_model_params
     from exgra_jax.models.config import ModelConfig
-    from exgra_jax.parallel import DEFAULT_RULES, make_mesh
     from exgra_jax.workdir import BEST
 
     best = step == BEST
@@ -55,11 +53,9 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
         raise SystemExit(f"{workdir}: no checkpoint at step {step} (have {ckpt.all_steps()})")
     config = ModelConfig.from_dict(ckpt.read_meta(latest if step is None else step)["model"])
     ckpt.close()
-    # Only params['model'] is read (no optimizer state), into host memory: an accelerator
-    # chip could not hold a 7B model's fp32 weights, the host can.
-    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices("cpu")[:1])
-    params, step = restore_model_params(workdir, config, mesh, DEFAULT_RULES,
-                                        BEST if best else step)
+    # Only params['model'] is read (no optimizer state), as host numpy arrays: an
+    # accelerator chip could not hold a 7B model's fp32 weights, the host can, once.
+    params, step = restore_model_params(workdir, config, None, None, BEST if best else step)
     save_llava(config, params, out, dtype=dtype)
     run_config = _run_config(workdir)
     tokenizer_dir = run_config.get("tokenizer", "")

@@ -103,10 +103,10 @@ def _step_to_load(steps: list[int], directory: str, step: int | str | None) -> i
     return step
 
 
-def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh, rules,
+def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh | None, rules,
                          step: int | str | None = None) -> tuple[Any, int]:
     """``params['model']`` of a training checkpoint (``step``: a number, None for the
-    newest, or 'best'), sharded on ``mesh``; and its step."""
+    newest, or 'best'), sharded on ``mesh`` (None: host numpy arrays); and its step."""
     directory = paths.absolute(checkpoint_directory(workdir, step))
     if not paths.is_dir(directory):
         if step == BEST:
@@ -116,9 +116,11 @@ def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh, rules,
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
         step = _step_to_load(ckpt.all_steps(), directory, step)
-        shardings = param_shardings(mcfg, mesh, rules)
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                _abstract_params(mcfg), shardings)
+        abstract = _abstract_params(mcfg)
+        if mesh is not None:
+            abstract = jax.tree.map(
+                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                abstract, param_shardings(mcfg, mesh, rules))
         expected = {"model": mcfg.to_dict(), "param_shapes": param_shapes({"model": abstract})}
         check_meta(ckpt.read_meta(step), expected, f"{directory}/{step}", scope="['model']")
         params = ckpt.restore_params(step, {"model": abstract})["model"]

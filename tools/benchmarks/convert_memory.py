@@ -91,13 +91,14 @@ def main(argv=None) -> int:
     written = subprocess.run([sys.executable, "-c", WRITER, json.dumps(PRESETS[args.preset]),
                               workdir], cwd=REPO, env=env, capture_output=True, text=True)
     if written.returncode:
-        sys.exit(written.stderr[-3000:])
+        sys.exit(f"writing the checkpoint failed (exit {written.returncode}):\n"
+                 + written.stderr[-3000:])
     param_bytes = int(written.stdout.strip().splitlines()[-1])
     peak, seconds, result = peak_rss(
         [sys.executable, "tools/convert_checkpoint.py", "to-hf", "--workdir", workdir,
          "--out", out], env)
     if result.returncode:
-        sys.exit(result.stderr[-3000:])
+        sys.exit(f"to-hf failed (exit {result.returncode}):\n" + result.stderr[-3000:])
     hf_bytes = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
                    if f.endswith(".safetensors"))
     ratio = peak / param_bytes

@@ -45,9 +45,10 @@ from exgra_jax.workdir import CHECKPOINTS, CONFIG_JSON
 import numpy as np
 sizes, workdir = json.loads(sys.argv[1]), sys.argv[2]
 cfg = mc.llava_med_7b(**sizes)
-# Leaf by leaf in numpy (one copy of the weights; values do not matter here).
+# Leaf by leaf (one copy of the weights as jax arrays, which orbax saves without copying;
+# the values do not matter here).
 rng = np.random.default_rng(0)
-params = jax.tree.map(lambda a: rng.standard_normal(a.shape, np.float32) * 0.02,
+params = jax.tree.map(lambda a: jax.numpy.asarray(rng.standard_normal(a.shape, np.float32)),
                       jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
 state = {"params": {"model": params}}
 ckpt = Checkpointer(os.path.join(workdir, CHECKPOINTS), async_save=False)

@@ -237,3 +237,23 @@ def test_image_paths_are_confined_to_the_image_folder(tmp_path):
         np.testing.assert_array_equal(_rgb(name, image_root=str(root), allow_outside=True),
                                       _image(6, 6, 1))
     assert resolve_image_path(None, "../x.png") == "../x.png"
+
+
+def test_siglip_towers_get_the_pixels_transformers_gives_them():
+    """A SigLIP model's images are scaled to [-1, 1] (mean = std = 0.5), as
+    transformers' SiglipImageProcessor prepares them; CLIP models keep CLIP's statistics."""
+    import ml_collections
+    from transformers import SiglipImageProcessor
+
+    from exgra_jax.eval.answering import image_config
+    from exgra_jax.models import config as mc
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3), np.uint8)
+    run = ml_collections.ConfigDict({"data": {"image_aspect": "pad"}})
+    siglip = mc.tiny(vision_type="siglip", image_size=32)
+    ref = SiglipImageProcessor(size={"height": 32, "width": 32})(
+        Image.fromarray(rgb), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    ours = ImagePreprocessor(image_config(run, siglip))(rgb)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    clip = ImagePreprocessor(image_config(run, mc.tiny(image_size=32)))(rgb)
+    assert not np.allclose(clip, ref, atol=1e-2)

@@ -78,7 +78,7 @@ def _run_config(workdir: str) -> dict:
 def _save_processor(out: str, config, tokenizer_dir: str, run_config: dict) -> None:
     """Tokenizer, image processor and chat template as the run asks and evaluates."""
     from exgra_jax.convert.processor import save_processor
-    from exgra_jax.data.image import ImageConfig
+    from exgra_jax.data.image import ImageConfig, normalization
     from exgra_jax.data.tokenizer import load_tokenizer
     from exgra_jax.train.defaults import base_config
 
@@ -88,7 +88,8 @@ def _save_processor(out: str, config, tokenizer_dir: str, run_config: dict) -> N
     save_processor(out, config, load_tokenizer(tokenizer_dir), template=data["template"],
                    image_first=bool(evaluation["image_first"]),
                    use_im_start_end=bool(data["mm_use_im_start_end"]),
-                   image=ImageConfig(config.image_size, data["image_aspect"]))
+                   image=ImageConfig(config.image_size, data["image_aspect"],
+                                     *normalization(config.vision_type)))
 
 
 def from_hf(args) -> str:

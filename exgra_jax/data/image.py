@@ -44,6 +44,15 @@ from exgra_jax.data.nifti import decode_nifti
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP towers are trained on pixels scaled to [-1, 1].
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def normalization(vision_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the vision tower was trained with: 'clip' or 'siglip'."""
+    if vision_type not in ("clip", "siglip"):
+        raise ValueError(f"vision_type must be 'clip' or 'siglip', got {vision_type!r}")
+    return (CLIP_MEAN, CLIP_STD) if vision_type == "clip" else (SIGLIP_MEAN, SIGLIP_STD)
 
 ASPECT_MODES = ("crop", "pad")
 

@@ -23,7 +23,12 @@ import grain
 import numpy as np
 
 from exgra_jax.data.conversation import ConversationError, ConversationTokenizer
-from exgra_jax.data.image import ImageConfig, ImageDecodeError, ImagePreprocessor
+from exgra_jax.data.image import (
+    ImageConfig,
+    ImageDecodeError,
+    ImagePreprocessor,
+    normalization,
+)
 from exgra_jax.data.medical_image import MedicalImageOptions
 from exgra_jax.data.sources import BadDataError, BadRecordReport, JsonSource, RecordError
 from exgra_jax.parallel import make_global_batch  # noqa: F401  (re-exported for callers)
@@ -62,6 +67,7 @@ class DataConfig:
     caption_len: int = 256  # Tc
     image_size: int = 224
     image_aspect: str = "pad"  # "pad" | "crop"
+    vision_type: str = "clip"  # the tower's pixel normalization (image.normalization)
     num_image_tokens: int = 256
     mm_use_im_start_end: bool = True
     batch_size: int = 8  # per host
@@ -130,7 +136,8 @@ class ExampleProcessor:
             tokenizer, cfg.template, cfg.num_image_tokens, cfg.mm_use_im_start_end
         )
         self.image = ImagePreprocessor(
-            ImageConfig(cfg.image_size, cfg.image_aspect, medical=cfg.medical)
+            ImageConfig(cfg.image_size, cfg.image_aspect, *normalization(cfg.vision_type),
+                        medical=cfg.medical)
         )
         needed = self.text.min_length_with_image
         if cfg.max_len < needed:

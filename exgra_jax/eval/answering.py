@@ -35,7 +35,12 @@ import numpy as np
 
 from exgra_jax import paths
 from exgra_jax.data.conversation import ConversationTokenizer
-from exgra_jax.data.image import ImageConfig, ImageDecodeError, ImagePreprocessor
+from exgra_jax.data.image import (
+    ImageConfig,
+    ImageDecodeError,
+    ImagePreprocessor,
+    normalization,
+)
 from exgra_jax.data.medical_image import MedicalImageOptions
 from exgra_jax.inference.generate import GenerationConfig, generate, pad_prompts
 
@@ -120,11 +125,14 @@ def bucket_length(n: int, bucket: int) -> int:
 
 
 def image_config(config, model_config) -> ImageConfig:
-    """How a config's images reach the model: the model's size, the data's aspect rule and
-    DICOM/NIfTI windowing (``config.data.medical``), as in training."""
+    """How a config's images reach the model: the model's size and its tower's
+    normalization, the data's aspect rule and DICOM/NIfTI windowing
+    (``config.data.medical``), as in training."""
     medical = config.data.get("medical")
     options = MedicalImageOptions(**medical.to_dict()) if medical else MedicalImageOptions()
-    return ImageConfig(model_config.image_size, config.data.image_aspect, medical=options)
+    mean, std = normalization(model_config.vision_type)
+    return ImageConfig(model_config.image_size, config.data.image_aspect, mean, std,
+                       medical=options)
 
 
 @dataclasses.dataclass

@@ -26,6 +26,7 @@ import numpy as np
 from exgra_jax.data.conversation import ConversationTokenizer
 from exgra_jax.data.image import ImageConfig, ImagePreprocessor
 from exgra_jax.data.tokenizer import IMAGE_PLACEHOLDER
+from exgra_jax.eval import answering
 from exgra_jax.inference.generate import GenerationConfig, generate, pad_prompts
 
 
@@ -115,7 +116,7 @@ def session_factory(args):
         raise SystemExit("--hf_dir needs --config (for the tokenizer and the template)")
     model = load_for_eval(config, workdir=args.workdir, hf_dir=args.hf_dir, step=args.step)
     lock = threading.Lock()
-    image_config = ImageConfig(model.config.image_size, config.data.image_aspect)
+    image_config = answering.image_config(config, model.config)
 
     def make() -> ChatSession:
         return ChatSession(model, args.template or config.data.template, image_config,

@@ -68,6 +68,7 @@ def data_config(config, mcfg: ModelConfig, batch_size: int, *, eval_mode: bool =
         tfds_data_dir=d["tfds_data_dir"] or None, template=d["template"],
         max_len=d["max_len"], response_len=d["response_len"], caption_len=d["caption_len"],
         image_size=mcfg.image_size, image_aspect=d["image_aspect"],
+        vision_type=mcfg.vision_type,
         num_image_tokens=mcfg.num_image_tokens, mm_use_im_start_end=d["mm_use_im_start_end"],
         batch_size=batch_size, seed=d["seed"], fraction=d["fraction"],
         max_bad_fraction=d["max_bad_fraction"], worker_count=d["worker_count"],

@@ -5,6 +5,7 @@ transformers' greedy answers equal our evaluation's answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -43,7 +44,9 @@ def exported(tmp_path_factory):
                         use_im_start_end=config.data.mm_use_im_start_end,
                         max_new_tokens=config.eval.max_new_tokens, batch_size=3,
                         image_first=config.eval.image_first)
-    _, questions = read_vqa(tuple(config.eval.json_paths), config.eval.image_folder)
+    # Image names are relative to the image folder; these tests open them directly.
+    questions = [dataclasses.replace(q, image=os.path.join(config.eval.image_folder, q.image))
+                 for q in read_vqa(tuple(config.eval.json_paths))[1]]
     return dict(out=out, answerer=answerer, questions=questions[:3], config=config)
 
 
@@ -54,7 +57,7 @@ def test_autoprocessor_chat_template_gives_our_ids_and_greedy_answers(exported):
     processor = AutoProcessor.from_pretrained(out)
     model = LlavaForConditionalGeneration.from_pretrained(out).eval()
     tok = processor.tokenizer
-    ours = answerer.answer(questions)
+    ours = [text for text, _ in answerer.answer(questions)]  # (text, skip reason)
     steps = exported["config"].eval.max_new_tokens
     for q, our_answer in zip(questions, ours, strict=True):
         messages = [{"role": "user", "content": [

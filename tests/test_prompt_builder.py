@@ -1,6 +1,9 @@
 """One prompt builder: the chat asks exactly as VQA evaluation does (same ids, same answers),
 and a multi-turn chat prompt is the training sequence cut before the answer it asks for."""
 
+import dataclasses
+import os
+
 import numpy as np
 import pytest
 from eval_fixtures import shared_demo_data, tiny_config, write_workdir
@@ -21,7 +24,9 @@ def setup(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("prompts") / "run")
     write_workdir(workdir, config, seed=5)
     model = load_for_eval(config, workdir=workdir)
-    _, questions = read_vqa(tuple(config.eval.json_paths), config.eval.image_folder)
+    # Image names are relative to the image folder; these tests open them directly.
+    questions = [dataclasses.replace(q, image=os.path.join(config.eval.image_folder, q.image))
+                 for q in read_vqa(tuple(config.eval.json_paths))[1]]
     return dict(config=config, model=model, questions=questions[:4])
 
 
@@ -84,7 +89,7 @@ def test_chat_answers_equal_evaluation_answers(setup):
     """Batched, bucketed evaluation (as launch/eval.py runs it) and the chat, one question
     per fresh conversation, give the same answers."""
     questions = setup["questions"]
-    expected = _answerer(setup).answer(questions)
+    expected = [text for text, _ in _answerer(setup).answer(questions)]
     session = _session(setup)
     got = []
     for q in questions:

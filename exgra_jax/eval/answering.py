@@ -204,6 +204,20 @@ class Answerer:
         return out
 
 
+def answerer_for(config, model, *, template: str | None = None, bucket: int = 32,
+                 image_root: str | None = None) -> Answerer:
+    """The Answerer a run's config asks for: its template (or ``template``), image rules,
+    eval batch and token budget, images under ``image_root`` (default eval.image_folder)."""
+    return Answerer(
+        model=model, template=template or config.data.template,
+        image_config=image_config(config, model.config),
+        use_im_start_end=config.data.mm_use_im_start_end,
+        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+        bucket=bucket, image_first=config.eval.get("image_first", False),
+        image_root=image_root or config.eval.image_folder or None,
+        allow_outside=config.data.get("allow_outside_image_folder", False))
+
+
 def shown_prompt(q: Question) -> str:
     """The ``prompt`` field of an answer: the question, plus "\\n<image>" when it has one
     (LLaVA-Med's answers files record the question this way, not the full template)."""

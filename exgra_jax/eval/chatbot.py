@@ -32,6 +32,7 @@ from exgra_jax.eval.answering import (
     SKIPPED,
     AnswersFileError,
     Question,
+    answerer_for,
     id_key,
     read_answers,
 )
@@ -89,20 +90,15 @@ def answer_chatbot(config, model, questions: Sequence[dict], image_folder: str, 
                    *, template: str | None = None, limit: int = 0, bucket: int = 32,
                    progress: Callable[[int, int], None] | None = None):
     """Our answers (records in question order, complete) via the shared VQA answerer."""
-    from exgra_jax.eval.answering import Answerer, answer_questions, image_config  # noqa: PLC0415
+    from exgra_jax.eval.answering import answer_questions  # noqa: PLC0415
 
     asked = [Question(q["question_id"], q["text"], q["image"]) for q in questions]
     missing = [q.image for q in asked if not paths.exists(paths.join(image_folder, q.image))]
     if len(missing) == len(asked):
         raise FileNotFoundError(f"no image found in {image_folder!r}, e.g. {missing[0]}: "
                                 "check --chatbot_images")
-    answerer = Answerer(
-        model=model, template=template or config.data.template,
-        image_config=image_config(config, model.config),
-        use_im_start_end=config.data.mm_use_im_start_end,
-        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-        bucket=bucket, image_first=config.eval.get("image_first", False),
-        image_root=image_folder)
+    answerer = answerer_for(config, model, template=template, bucket=bucket,
+                            image_root=image_folder)
 
     def make_record(q: Question, prompt: str, text: str) -> dict:
         return {"question_id": q.id, "prompt": prompt, "text": text,

@@ -27,11 +27,10 @@ from exgra_jax.data.tokenizer import IMAGE_PLACEHOLDER
 from exgra_jax.eval import metrics
 from exgra_jax.eval.answering import (
     SKIPPED,
-    Answerer,
     Question,
     answer_questions,
+    answerer_for,
     id_key,
-    image_config,
     skipped_questions,
 )
 
@@ -75,14 +74,7 @@ def run_vqa(config, model, out_path: str, *, template: str | None = None, limit:
     import jax  # noqa: PLC0415
 
     records, questions = read_vqa(tuple(config.eval.json_paths))
-    answerer = Answerer(
-        model=model, template=template or config.data.template,
-        image_config=image_config(config, model.config),
-        use_im_start_end=config.data.mm_use_im_start_end,
-        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-        bucket=bucket, image_first=config.eval.get("image_first", False),
-        image_root=config.eval.image_folder or None,
-        allow_outside=config.data.get("allow_outside_image_folder", False))
+    answerer = answerer_for(config, model, template=template, bucket=bucket)
 
     def make_record(q: Question, prompt: str, text: str) -> dict:
         # answer_id is derived, not random, so a rerun writes the same bytes.

@@ -22,10 +22,9 @@ from exgra_jax import paths
 from exgra_jax.eval import zero_shot_scoring as zs
 from exgra_jax.eval.answering import (
     SKIPPED,
-    Answerer,
     Question,
     answer_questions,
-    image_config,
+    answerer_for,
     skipped_questions,
 )
 from exgra_jax.eval.vqa import metrics_path
@@ -53,14 +52,7 @@ def run_zero_shot(config, model, out_path: str, *, template: str | None = None,
 
     records, questions = read_zero_shot(tuple(config.eval.json_paths))
     by_id = {json.dumps(r["question_id"]): r for r in records}
-    answerer = Answerer(
-        model=model, template=template or config.data.template,
-        image_config=image_config(config, model.config),
-        use_im_start_end=config.data.mm_use_im_start_end,
-        max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-        bucket=bucket, image_first=config.eval.get("image_first", False),
-        image_root=config.eval.image_folder or None,
-        allow_outside=config.data.get("allow_outside_image_folder", False))
+    answerer = answerer_for(config, model, template=template, bucket=bucket)
 
     def make_record(q: Question, prompt: str, text: str) -> dict:
         return {**by_id[json.dumps(q.id)], "prompt": prompt, zs.GENERATED_FIELD: text,

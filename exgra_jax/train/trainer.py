@@ -36,6 +36,7 @@ from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.train import state as st
 from exgra_jax.train.step import StepConfig, make_eval_step, make_train_step, pack_layout
+from exgra_jax.workdir import CHECKPOINTS, CONFIG_JSON, FINAL_METRICS, TENSORBOARD
 
 log = logging.getLogger("exgra_jax.train")
 
@@ -215,7 +216,7 @@ def params_from_workdir(workdir: str, abstract: dict) -> dict:
     """The params of another run's newest checkpoint (e.g. stage 1 -> stage 2, or
     pre-training -> fine-tuning), restored into ``abstract`` (sharded ShapeDtypeStructs);
     returns only the top-level parts the checkpoint has (a new alignment GNN is left out)."""
-    ckpt = Checkpointer(paths.join(workdir, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(paths.join(workdir, CHECKPOINTS), async_save=False)
     step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"init.workdir {workdir} has no checkpoint")
@@ -247,7 +248,7 @@ class MetricWriter:
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-            self.tb = SummaryWriter(paths.join(workdir, "tb"))
+            self.tb = SummaryWriter(paths.join(workdir, TENSORBOARD))
         self.t0 = time.time()
         self.first_step = None
 
@@ -486,9 +487,6 @@ def _finished_metrics(workdir: str, step: int) -> dict[str, Any] | None:
     return None
 
 
-FINAL_METRICS = "final_metrics.json"
-
-
 def startup_summary(run: Run, *, workdir: str, records: int, total: int, start: int,
                     source_report=None) -> str:
     """The few facts a user checks first, in one block."""
@@ -522,7 +520,7 @@ def _print0(text: str) -> None:
 def _write_config(config, workdir: str) -> None:
     """The resolved config (absolute paths) as WORKDIR/config.json, for every later tool."""
     if jax.process_index() == 0:
-        paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        paths.write_text(paths.join(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -550,7 +548,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         1, int(config.train.num_epochs * len(source) // config.train.global_batch_size))
     run = build(config, total)
 
-    ckpt = Checkpointer(paths.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+    ckpt = Checkpointer(paths.join(workdir, CHECKPOINTS), keep=config.train.keep_checkpoints,
                         async_save=config.train.async_checkpoint)
     start = ckpt.latest_step()
     if start is not None and start >= total:

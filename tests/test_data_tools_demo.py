@@ -259,7 +259,8 @@ def test_tokenizer_loads_and_round_trips(built):
     # question with its options and role tags costs a few tokens per word too.
     header = get_template("llava_v0").header
     assert len(tok(header, add_special_tokens=False)["input_ids"]) <= len(header.split()) + 4
-    prompt = get_template("llava_v0").prompt(_question(_load(built, "vqa/test.json")[0]))
+    prompt = get_template("llava_v0").chat_prompt([(_question(_load(built, "vqa/test.json")[0]),
+                                                    None)])
     assert len(tok(prompt, add_special_tokens=False)["input_ids"]) < len(prompt) / 3
     assert len({ids["pad"], ids["image_patch"], ids["im_start"], ids["im_end"]}) == 4
     caption = _load(built, "pretrain.json")[0]["conversations_long"][1]["value"]

@@ -302,7 +302,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 # ============================================================================ main
 def main(argv=None) -> int:
-    from absl import app, flags  # noqa: PLC0415
+    from absl import flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -324,8 +324,16 @@ def main(argv=None) -> int:
         print(json.dumps({"config": config_file, "results": results}))
         status["rc"] = 0 if all("error" not in r for r in results.values()) else 1
 
+    return run_main(_main, argv, status)
+
+
+def run_main(main_fn, argv, status: dict) -> int:
+    """absl's app.run without its exit on success: the exit code ``main_fn`` leaves in
+    ``status['rc']`` (1 if it did not get that far), so tests can call ``main``."""
+    from absl import app  # noqa: PLC0415
+
     try:
-        app.run(_main, argv=argv)
+        app.run(main_fn, argv=argv)
     except SystemExit as e:
         if e.code not in (None, 0):
             raise

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from aot_compile import GIB, TOPOLOGIES, aot_config, topology_devices  # noqa: E402
+from aot_compile import GIB, TOPOLOGIES, aot_config, run_main, topology_devices  # noqa: E402
 
 
 def _peak(compiled) -> dict[str, int]:
@@ -81,7 +81,7 @@ def _init(mcfg):
 
 
 def main(argv=None) -> int:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -115,12 +115,7 @@ def main(argv=None) -> int:
                           "results": results}))
         status["rc"] = 0
 
-    try:
-        app.run(_main, argv=argv)
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise
-    return status.get("rc", 1)
+    return run_main(_main, argv, status)
 
 
 if __name__ == "__main__":

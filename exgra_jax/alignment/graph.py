@@ -16,8 +16,13 @@ from jax import lax
 MESSAGE_FLOWS = ("original", "forward")
 
 
-def knn_neighbors(x_nd: jax.Array, k: int) -> jax.Array:
-    """The k nearest other nodes of every node: [n, k] int32, nearest first."""
+def knn_neighbors(x_nd: jax.Array, k: int, valid_n: jax.Array | None = None) -> jax.Array:
+    """The k nearest other nodes of every node: [n, k] int32, nearest first.
+
+    With ``valid_n``, neighbours are chosen among valid nodes only, and an invalid node's
+    list is k copies of itself: its messages then reach only itself, so invalid nodes
+    (padding) take no part in a real node's aggregation, in either message flow.
+    """
     n = x_nd.shape[0]
     if not 0 < k < n:
         raise ValueError(f"kNN needs 0 < k < number of nodes, got k={k} with {n} nodes")
@@ -26,7 +31,11 @@ def knn_neighbors(x_nd: jax.Array, k: int) -> jax.Array:
     gram = jnp.dot(x, x.T, precision=lax.Precision.HIGHEST)
     dist = sq[:, None] + sq[None, :] - 2.0 * gram
     dist = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, dist)
+    if valid_n is not None:
+        dist = jnp.where(valid_n[None, :], dist, jnp.inf)
     _, nbr = lax.top_k(-dist, k)
+    if valid_n is not None:
+        nbr = jnp.where(valid_n[:, None], nbr, jnp.arange(n)[:, None])
     return nbr.astype(jnp.int32)
 
 
@@ -58,8 +67,9 @@ def edge_features(h_nd: jax.Array, nbr_nk: jax.Array) -> jax.Array:
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """x / max(||x||, eps) along the last axis (torch F.normalize semantics)."""
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    # sqrt(max(|x|^2, eps^2)) == max(|x|, eps), with a finite gradient at x = 0.
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+    return x / norm
 
 
 def _map_leading(fn, x, nbr):

@@ -80,8 +80,16 @@ class AlignmentConfig:
             raise ValueError(f"AlignmentConfig dropout/gumbel_scale out of range: {self}")
 
 
-def graph_count(config: AlignmentConfig, n: int, num_shards: int = 1) -> int:
-    """How many contiguous graphs n samples form; a clear error when they cannot."""
+def graph_count(config: AlignmentConfig, n: int, num_shards: int = 1,
+                masked: bool = False) -> int:
+    """How many contiguous graphs n samples form; a clear error when they cannot.
+
+    ``masked``: the samples carry a node mask (packed batches), so a "fixed" scope
+    rounds up to whole graphs (the missing nodes are padding) and graphs left with too
+    few real nodes are dropped from the loss when it runs, not refused here.
+    """
+    if config.graph_scope == "fixed" and masked:
+        return -(-n // config.graph_size)
     if config.graph_scope == "fixed":
         if n % config.graph_size:
             raise ValueError(
@@ -117,11 +125,27 @@ def masked_mean(x_btd: jax.Array, mask_bt: jax.Array, *, include_padding: bool =
     return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
 
-def hamming_to_identity(y_nn: jax.Array) -> jax.Array:
-    """(Y (1 - T) + (1 - Y) T).mean(0).sum() with T the identity."""
+def hamming_to_identity(y_nn: jax.Array, valid_n: jax.Array | None = None) -> jax.Array:
+    """(Y (1 - T) + (1 - Y) T).mean(0).sum() with T the identity; with ``valid_n`` [..., n]
+    over the valid rows and columns only (the mean over valid rows)."""
     eye = jnp.eye(y_nn.shape[-1], dtype=y_nn.dtype)
     errors = y_nn * (1 - eye) + (1 - y_nn) * eye
-    return errors.mean(axis=-2).sum(axis=-1)
+    if valid_n is None:
+        return errors.mean(axis=-2).sum(axis=-1)
+    v = valid_n.astype(y_nn.dtype)
+    pairs = v[..., :, None] * v[..., None, :]
+    return jnp.sum(errors * pairs, axis=(-2, -1)) / jnp.maximum(jnp.sum(v, axis=-1), 1.0)
+
+
+# Cost of pairing a padding node with a real one: far above any real cost, so no solver
+# (partial or full) ever makes the pair; padding-padding pairs cost 0.
+_PADDING_PAIR_COST = 1e4
+
+
+def compact_nodes(node_mask_n: jax.Array, *arrays: jax.Array):
+    """Real nodes first, in their order (a stable sort on the mask): (mask, *arrays)."""
+    order = jnp.argsort(~node_mask_n.astype(bool), stable=True)
+    return (node_mask_n[order], *(x[order] for x in arrays))
 
 
 def _make_solver(config: AlignmentConfig):
@@ -169,19 +193,41 @@ class MultiGraphAlignment(nn.Module):
     num_groups: int = 1  # batch shards, for graph_scope="device"
 
     @nn.compact
-    def __call__(self, image_nd, response_nd, caption_nd, *, deterministic: bool):
+    def __call__(self, image_nd, response_nd, caption_nd, *, deterministic: bool,
+                 node_mask=None):
+        """``node_mask`` [n] (optional): which samples are real. Padding samples take no
+        part in kNN, GNN messages, matching or the loss, so the result equals running on
+        the real samples alone; with the "fixed" scope real samples are first compacted
+        (in order) into graphs of graph_size, and graphs with at most k real samples are
+        left out of the loss."""
         cfg = self.config
         shapes = {x.shape for x in (image_nd, response_nd, caption_nd)}
         if len(shapes) != 1 or image_nd.ndim != 2:
             raise ValueError(f"the three modalities must share one [n, d] shape, got {shapes}")
-        n, d = image_nd.shape
-        groups = graph_count(cfg, n, self.num_groups)
-        m = n // groups
-
         mods = [x.astype(jnp.float32) for x in (image_nd, response_nd, caption_nd)]
+        masked = node_mask is not None
+        valid = jnp.ones(image_nd.shape[0], bool) if not masked else node_mask.astype(bool)
+        if masked and cfg.graph_scope == "fixed":
+            valid, *mods = compact_nodes(valid, *mods)
+            pad = -len(valid) % cfg.graph_size
+            valid = jnp.pad(valid, (0, pad))
+            mods = [jnp.pad(x, ((0, pad), (0, 0))) for x in mods]
+        n, d = mods[0].shape
+        groups = graph_count(cfg, n, self.num_groups, masked)
+        m = n // groups
+        if masked and cfg.graph_scope != "fixed":
+            # Real nodes first within each graph too: the solvers then meet them in the
+            # order the unpadded graph has, so near-ties break the same way.
+            grouped = [x.reshape(groups, m, *x.shape[1:]) for x in (valid, *mods)]
+            valid, *mods = (x.reshape(n, *x.shape[2:])
+                            for x in jax.vmap(compact_nodes)(*grouped))
+
         bary = (mods[0] + mods[1] + mods[2]) / 3.0
         sets = jnp.stack([*mods, bary]).reshape(4, groups, m, d).swapaxes(0, 1)  # [G, 4, m, d]
-        nbr_sets = jax.vmap(jax.vmap(lambda x: graph.knn_neighbors(x, cfg.k)))(sets)
+        valid = valid.reshape(groups, m)
+        nbr_sets = jax.vmap(jax.vmap(
+            lambda x, v: graph.knn_neighbors(x, cfg.k, v if masked else None),
+            in_axes=(0, None)))(sets, valid)
 
         # Six matchings, (mod, b) then (b, mod) per modality: GM(x, y) runs the GNN on x
         # and on y, both with x's kNN topology. Of their twelve graphs only ten differ
@@ -207,6 +253,10 @@ class MultiGraphAlignment(nn.Module):
             k_node, k_edge, k_est = jax.random.split(key, 3)
             unary = unary + cfg.gumbel_scale * jax.random.gumbel(k_node, (groups, 1, m, m))
         unary = -(unary - offset)
+        if masked:
+            pair = valid[:, None, :, None] & valid[:, None, None, :]  # [G, 1, m, m]
+            both_pad = ~valid[:, None, :, None] & ~valid[:, None, None, :]
+            unary = jnp.where(pair, unary, jnp.where(both_pad, 0.0, _PADDING_PAIR_COST))
 
         quad = None
         if cfg.solver == "ipfp":
@@ -217,6 +267,9 @@ class MultiGraphAlignment(nn.Module):
             if noisy:  # edge noise: one draw per matching
                 quad = quad + cfg.gumbel_scale * jax.random.gumbel(k_edge, quad.shape)
             quad = -0.5 * (quad - offset)
+            if masked:  # padding nodes' (self-loop) edges add nothing to any energy
+                edge_ok = jnp.repeat(valid, cfg.k, axis=-1)  # [G, E]
+                quad = jnp.where(edge_ok[:, None, :, None] & edge_ok[:, None, None, :], quad, 0.0)
 
         # Readable with apply(..., mutable="intermediates") (tools/experiments/matcher_quality.py).
         self.sow("intermediates", "costs", (unary, quad, nbr))
@@ -233,11 +286,24 @@ class MultiGraphAlignment(nn.Module):
             matcher = estimators.blackbox(solve, lam)
             y = jax.vmap(jax.vmap(matcher))(unary, quad, nbr, nbr)
 
-        ham = hamming_to_identity(y)  # [G, 6]
-        per_mod = ham.reshape(groups, 3, 2).mean(axis=(0, 2))  # both directions, all groups
+        return self._loss_and_metrics(y, valid, masked)
+
+    def _loss_and_metrics(self, y, valid, masked):
+        """Hamming loss per graph and matching, averaged over the graphs that count
+        (more than k real nodes; all of them without a node mask)."""
+        groups = y.shape[0]
+        real = jnp.sum(valid, axis=-1).astype(jnp.float32)  # [G]
+        weight = (real > self.config.k).astype(jnp.float32)
+        num = jnp.maximum(jnp.sum(weight), 1.0)
+        ham = hamming_to_identity(y, valid[:, None, :] if masked else None)  # [G, 6]
+        per_mod = jnp.sum(ham.reshape(groups, 3, 2).mean(axis=2) * weight[:, None], axis=0) / num
         loss = per_mod.mean()
         y_stop = jax.lax.stop_gradient(y)
+        node_w = valid.astype(jnp.float32) * weight[:, None]  # [G, m]
+        nodes = jnp.maximum(jnp.sum(node_w), 1.0) * 6
         metrics = {f"align/hamming_{name}": per_mod[i] for i, name in enumerate(MODALITIES)}
-        metrics["align/match_acc"] = jnp.mean(jnp.diagonal(y_stop, axis1=-2, axis2=-1))
-        metrics["align/unmatched_frac"] = jnp.mean(1.0 - y_stop.sum(axis=-1))
+        diag = jnp.diagonal(y_stop, axis1=-2, axis2=-1)  # [G, 6, m]
+        metrics["align/match_acc"] = jnp.sum(diag * node_w[:, None]) / nodes
+        metrics["align/unmatched_frac"] = jnp.sum(
+            (1.0 - y_stop.sum(axis=-1)) * node_w[:, None]) / nodes
         return loss, metrics

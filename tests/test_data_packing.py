@@ -216,46 +216,65 @@ def _assert_same_batches(a, b):
         np.testing.assert_array_equal(xi, yi)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resume_mid_epoch_is_bit_identical(data, workers):
-    directory, path, tok = data
-    cfg = _config(directory, path, worker_count=workers)  # repeats forever
-    first, more = 3, 5
-    it = make_train_iterator(cfg, tok, 0, 1)
-    _drain(it, first)
-    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-    expected = _drain(it, more)  # the uninterrupted run
-    it.close()
-    resumed_it = make_train_iterator(cfg, tok, 0, 1)
-    _drain(resumed_it, 1)  # a restore replaces whatever the iterator held
-    resumed_it.set_state(state)
-    resumed = _drain(resumed_it, more)
-    resumed_it.close()
-    _assert_same_batches(resumed, expected)
+BAD = {"r001": "decode", "r002": "not found", "r006": "malformed"}
 
 
-def test_bad_records_are_skipped_and_reported_under_packing(tmp_path, data):
-    _, _, tok = data
-    directory = str(tmp_path)
+@pytest.fixture(scope="module")
+def salted(data, tmp_path_factory):
+    """The records with a corrupt image, a missing one and a malformed conversation."""
+    directory = str(tmp_path_factory.mktemp("salted"))
     records = _records(N)
     path = _write(directory, records)
-    bad = {"r001": "decode", "r002": "not found", "r006": "malformed"}
     with open(os.path.join(directory, "images", records[1]["image"]), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n truncated")
     records[2]["image"] = "nowhere.png"
     records[6]["conversations"] = [{"from": "human"}]
     with open(path, "w") as f:
         json.dump(records, f)
-    cfg = _config(directory, path, num_epochs=1, max_bad_fraction=0.3, min_seen_before_check=4)
+    return directory, path, records
+
+
+def _skipped_while(iterator, n):
+    """The next n batches, and how many bad records the iterator reported meanwhile."""
+    before = iterator.stats["skipped"]
+    batches = _drain(iterator, n)
+    return batches, iterator.stats["skipped"] - before
+
+
+@pytest.mark.parametrize("workers,salted_data", [(0, False), (1, False), (0, True)])
+def test_resume_mid_epoch_is_bit_identical(data, salted, workers, salted_data):
+    directory, path, tok = data
+    if salted_data:
+        directory, path, _ = salted
+    cfg = _config(directory, path, worker_count=workers, max_bad_fraction=0.3)  # endless
+    first, more = 3, 8
     it = make_train_iterator(cfg, tok, 0, 1)
+    _drain(it, first)
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+    expected, skipped = _skipped_while(it, more)  # the uninterrupted run
+    it.close()
+    resumed_it = make_train_iterator(cfg, tok, 0, 1)
+    _drain(resumed_it, 1)  # a restore replaces whatever the iterator held
+    resumed_it.set_state(state)
+    resumed, resumed_skipped = _skipped_while(resumed_it, more)
+    resumed_it.close()
+    _assert_same_batches(resumed, expected)
+    # Bad records are reported once, with the batch whose reads met them.
+    assert resumed_skipped == skipped and (skipped > 0) == salted_data
+
+
+def test_bad_records_are_skipped_and_reported_under_packing(data, salted):
+    directory, path, records = salted
+    cfg = _config(directory, path, num_epochs=1, max_bad_fraction=0.3, min_seen_before_check=4)
+    it = make_train_iterator(cfg, data[2], 0, 1)
     packed = _drain(it)
     reported = dict(it.bad_records)
-    assert set(reported) == set(bad)
+    assert set(reported) == set(BAD)
     assert "decode" in reported["r001"] and "not found" in reported["r002"]
     # Indices are the source's; it dropped the malformed record when it was opened.
     source = make_source(cfg)
     seen = [source[int(i)]["id"] for _, indices in packed for i in indices.ravel() if i >= 0]
-    good = [r for r in records if r["id"] not in bad]
+    good = [r for r in records if r["id"] not in BAD]
     assert sorted(seen) == [r["id"] for r in good]
     # The stats count used slots only: every good example, each caption fallback; the
     # malformed record was skipped by the source, the other two while reading.

@@ -78,7 +78,7 @@ class DataConfig:
     # Training only: several examples per row of max_len tokens (first fit in arrival order),
     # at most images_per_row images and examples_per_row examples per row.
     packing: bool = False
-    images_per_row: int = 6
+    images_per_row: int = 6  # tools/benchmarks/packing.py recommends both per data mix
     examples_per_row: int = 8
     seed: int = 0
     fraction: float = 1.0
@@ -275,13 +275,14 @@ class _SkipBadIterator(grain.DatasetIterator):
         self._min_seen = min_seen
         self._report = BadRecordReport(max_kept=20)
         self._bad_ids, self._bad_reasons = [], []
-        self._state_before_read = None  # the parent's state before the last example read
+
+    def _read(self) -> dict:
+        return next(self._parent)
 
     def _next_good(self) -> dict:
         """The next good example; StopIteration at the end of the parent."""
         while True:
-            self._state_before_read = copy.deepcopy(self._parent.get_state())
-            example = next(self._parent)
+            example = self._read()
             self._report.num_seen += 1
             if "_bad" not in example:
                 return example
@@ -342,6 +343,13 @@ class _SkipAndPackIterator(_SkipBadIterator):
         super().__init__(parent, max_bad_fraction, min_seen)
         self._packer = BatchPacker(*pack_shape, padding_example)
         self._carry = None  # (parent state before reading it, example)
+        self._state_before_read = None
+
+    def _read(self) -> dict:
+        # Per read, not per good example: skipped records before the carried one stay
+        # reported with the batch they closed and are not read again after a restore.
+        self._state_before_read = copy.deepcopy(self._parent.get_state())
+        return next(self._parent)
 
     def __next__(self):
         if self._carry is not None:

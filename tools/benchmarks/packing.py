@@ -28,9 +28,11 @@ import tempfile
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+for path in (ROOT, HERE):  # also when imported from elsewhere (build_iterators)
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 from _common import table  # noqa: E402
 
@@ -149,6 +151,7 @@ def first_fit_share(lengths, images, rows: int, max_len: int, images_per_row: in
     """Mean real-token share of the batches first-fit packing closes on these lengths."""
     from exgra_jax.data.packing import BatchPacker
 
+    # Placement only: no batch is built, so no padding example is needed.
     packer = BatchPacker(rows, max_len, images_per_row, examples_per_row, padding_example={})
     shares, filled = [], 0
     for n, image in zip(lengths, images):

@@ -2,7 +2,8 @@
 
 Training:  source -> shuffle(seed, reshuffled every epoch) -> repeat(num_epochs)
            -> this process's strided shard -> preprocess (in workers) -> drop bad records
-           and batch (in workers) -> host batch of numpy arrays.
+           and batch (in workers) -> host batch of numpy arrays. With `packing`, the batch
+           step packs several examples per row instead (packing.py, PACKED_BATCH_KEYS).
 Evaluation: source in order -> this process's strided shard, padded so every process has
            the same number of batches -> preprocess -> batch; padding rows and records
            that fail to decode have example_mask 0.
@@ -14,6 +15,7 @@ exactly the batches an uninterrupted one would (for the same worker_count).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -30,12 +32,14 @@ from exgra_jax.data.image import (
     normalization,
 )
 from exgra_jax.data.medical_image import MedicalImageOptions
+from exgra_jax.data.packing import PACKED_BATCH_KEYS, BatchPacker
 from exgra_jax.data.sources import BadDataError, BadRecordReport, JsonSource, RecordError
 from exgra_jax.parallel import make_global_batch  # noqa: F401  (re-exported for callers)
 
 log = logging.getLogger(__name__)
 
-# Keys of a host batch (the data contract); private bookkeeping keys start with "_".
+# Keys of an unpacked host batch (the data contract); private bookkeeping keys start with
+# "_". Packed training batches have PACKED_BATCH_KEYS instead.
 BATCH_KEYS = (
     "input_ids",
     "attention_mask",
@@ -70,7 +74,12 @@ class DataConfig:
     vision_type: str = "clip"  # the tower's pixel normalization (image.normalization)
     num_image_tokens: int = 256
     mm_use_im_start_end: bool = True
-    batch_size: int = 8  # per host
+    batch_size: int = 8  # per host (rows, when packing)
+    # Training only: several examples per row of max_len tokens (first fit in arrival order),
+    # at most images_per_row images and examples_per_row examples per row.
+    packing: bool = False
+    images_per_row: int = 6  # tools/benchmarks/packing.py recommends both per data mix
+    examples_per_row: int = 8
     seed: int = 0
     fraction: float = 1.0
     max_bad_fraction: float = 0.05
@@ -88,7 +97,8 @@ class DataConfig:
             object.__setattr__(self, "medical", MedicalImageOptions(**self.medical))
         if not self.json_paths and not self.tfds_name:
             raise ValueError("DataConfig needs json_paths or tfds_name")
-        for name in ("max_len", "response_len", "caption_len", "batch_size", "image_size"):
+        for name in ("max_len", "response_len", "caption_len", "batch_size", "image_size",
+                     "images_per_row", "examples_per_row"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DataConfig.{name} must be positive")
         if not 0.0 <= self.max_bad_fraction < 1.0:
@@ -100,9 +110,28 @@ class DataConfig:
         image_block = self.num_image_tokens + (2 if self.mm_use_im_start_end else 0)
         if image_block >= self.max_len:
             raise ValueError(f"max_len={self.max_len} cannot hold {image_block} image tokens")
+        if self.packing:
+            self._check_packing(image_block)
+
+    def _check_packing(self, image_block: int):
+        if self.examples_per_row < self.images_per_row:
+            raise ValueError(
+                f"examples_per_row={self.examples_per_row} < images_per_row="
+                f"{self.images_per_row}: each image belongs to one example; raise "
+                f"examples_per_row or lower images_per_row")
+        if self.images_per_row * image_block > self.max_len:
+            raise ValueError(
+                f"images_per_row={self.images_per_row} blocks of {image_block} image tokens "
+                f"exceed max_len={self.max_len}; set images_per_row <= "
+                f"{self.max_len // image_block} or raise max_len")
 
     def replace(self, **changes) -> DataConfig:
         return dataclasses.replace(self, **changes)
+
+
+def batch_keys(cfg: DataConfig) -> tuple[str, ...]:
+    """The keys of the training host batches `cfg` makes."""
+    return PACKED_BATCH_KEYS if cfg.packing else BATCH_KEYS
 
 
 def make_source(cfg: DataConfig):
@@ -236,41 +265,37 @@ def _stack(examples: Sequence[dict]) -> dict:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-class _SkipAndBatchIterator(grain.DatasetIterator):
-    """Pulls examples until `batch_size` good ones; bad ones go into `_skipped_*` fields.
+class _SkipBadIterator(grain.DatasetIterator):
+    """Reads good examples from the parent; bad ones are counted, checked against
+    max_bad_fraction and reported in the next batch's `_skipped_*` fields."""
 
-    It buffers nothing between batches, so its state is exactly its parent's state.
-    """
-
-    def __init__(self, parent, batch_size, max_bad_fraction, min_seen, drop_remainder):
+    def __init__(self, parent, max_bad_fraction, min_seen):
         super().__init__(parent)
-        self._batch_size = batch_size
         self._max_bad_fraction = max_bad_fraction
         self._min_seen = min_seen
-        self._drop_remainder = drop_remainder
         self._report = BadRecordReport(max_kept=20)
+        self._bad_ids, self._bad_reasons = [], []
 
-    def __next__(self):
-        good, bad_ids, bad_reasons = [], [], []
-        while len(good) < self._batch_size:
-            try:
-                example = next(self._parent)
-            except StopIteration:
-                break
+    def _read(self) -> dict:
+        return next(self._parent)
+
+    def _next_good(self) -> dict:
+        """The next good example; StopIteration at the end of the parent."""
+        while True:
+            example = self._read()
             self._report.num_seen += 1
-            if "_bad" in example:
-                bad_ids.append(example["_bad"])
-                bad_reasons.append(example["_reason"])
-                self._report.add_bad(example["_bad"], example["_reason"])
-                if self._report.num_seen >= self._min_seen:
-                    self._report.check(self._max_bad_fraction, "records read by a data worker")
-                continue
-            good.append(example)
-        if not good or (self._drop_remainder and len(good) < self._batch_size):
-            raise StopIteration
-        batch = _stack(good)
-        batch["_skipped_ids"] = np.asarray(bad_ids, dtype=object)
-        batch["_skipped_reasons"] = np.asarray(bad_reasons, dtype=object)
+            if "_bad" not in example:
+                return example
+            self._bad_ids.append(example["_bad"])
+            self._bad_reasons.append(example["_reason"])
+            self._report.add_bad(example["_bad"], example["_reason"])
+            if self._report.num_seen >= self._min_seen:
+                self._report.check(self._max_bad_fraction, "records read by a data worker")
+
+    def _with_skips(self, batch: dict) -> dict:
+        batch["_skipped_ids"] = np.asarray(self._bad_ids, dtype=object)
+        batch["_skipped_reasons"] = np.asarray(self._bad_reasons, dtype=object)
+        self._bad_ids, self._bad_reasons = [], []
         return batch
 
     def get_state(self):
@@ -278,15 +303,90 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
 
     def set_state(self, state):
         self._parent.set_state(state)
+        self._bad_ids, self._bad_reasons = [], []
+
+
+class _SkipAndBatchIterator(_SkipBadIterator):
+    """Batches of `batch_size` good examples. It buffers nothing between batches, so its
+    state is exactly its parent's state."""
+
+    def __init__(self, parent, max_bad_fraction, min_seen, batch_size, drop_remainder):
+        super().__init__(parent, max_bad_fraction, min_seen)
+        self._batch_size = batch_size
+        self._drop_remainder = drop_remainder
+
+    def __next__(self):
+        good = []
+        while len(good) < self._batch_size:
+            try:
+                good.append(self._next_good())
+            except StopIteration:
+                break
+        if not good or (self._drop_remainder and len(good) < self._batch_size):
+            raise StopIteration
+        return self._with_skips(_stack(good))
+
+
+class _SkipAndPackIterator(_SkipBadIterator):
+    """Packed batches (packing.BatchPacker). A batch closes when an arriving example fits in
+    no row; that example is carried over and starts the next batch. The state is the
+    parent's state from before the carried example was read, and `set_state` drops the
+    carry, so a restored iterator reads it again and yields the same batches. At the end of
+    the data the last batch is yielded partly filled (its shapes are fixed anyway).
+
+    Grain's FirstFitPackIterDataset is not used: it concatenates every feature along its
+    first axis into single rows, whereas a batch here keeps per-example slots (alignment
+    texts, images, bookkeeping) and the bad-record reports of the examples it consumed.
+    """
+
+    def __init__(self, parent, max_bad_fraction, min_seen, pack_shape, padding_example):
+        super().__init__(parent, max_bad_fraction, min_seen)
+        self._packer = BatchPacker(*pack_shape, padding_example)
+        self._carry = None  # (parent state before reading it, example)
+        self._state_before_read = None
+
+    def _read(self) -> dict:
+        # Per read, not per good example: skipped records before the carried one stay
+        # reported with the batch they closed and are not read again after a restore.
+        self._state_before_read = copy.deepcopy(self._parent.get_state())
+        return next(self._parent)
+
+    def __next__(self):
+        if self._carry is not None:
+            placed = self._packer.add(self._carry[1])
+            assert placed, "an empty batch holds any one example"
+            self._carry = None
+        while True:
+            try:
+                example = self._next_good()
+            except StopIteration:
+                break
+            if not self._packer.add(example):
+                self._carry = (self._state_before_read, example)
+                break
+        if not len(self._packer):
+            raise StopIteration
+        return self._with_skips(self._packer.pop_batch())
+
+    def get_state(self):
+        return self._carry[0] if self._carry is not None else self._parent.get_state()
+
+    def set_state(self, state):
+        super().set_state(state)
+        self._carry = None
+        self._packer.clear()
 
 
 class _SkipAndBatchDataset(grain.IterDataset):
-    def __init__(self, parent, batch_size, max_bad_fraction, min_seen, drop_remainder):
+    """Batches with `iterator_cls` (one of the two above) built on each parent iterator."""
+
+    def __init__(self, parent, iterator_cls, *args):
         super().__init__(parent)
-        self._args = (batch_size, max_bad_fraction, min_seen, drop_remainder)
+        self._iterator_cls = iterator_cls
+        self._args = args
 
     def __iter__(self):
-        return _SkipAndBatchIterator(self._parent.__iter__(), *self._args)
+        return self._iterator_cls(self._parent.__iter__(), *self._args)
 
 
 # ------------------------------------------------------------------------------------------
@@ -294,7 +394,7 @@ class _SkipAndBatchDataset(grain.IterDataset):
 
 
 class HostBatchIterator:
-    """Yields host batches (dicts of numpy arrays with BATCH_KEYS) and tracks bad records.
+    """Yields host batches (dicts of numpy arrays with `batch_keys(cfg)`), tracks bad records.
 
     `get_state()` / `set_state()` give a JSON-serializable state for checkpoints.
     `report` lists skipped records (id, reason); `stats` counts examples, skips, caption
@@ -327,7 +427,7 @@ class HostBatchIterator:
         self.stats["skipped"] += len(skipped)
         self.stats["caption_fallbacks"] += int(batch.pop("_caption_fallback")[valid].sum())
         self.stats["truncated"] += int(batch.pop("_truncated")[valid].sum())
-        self.last_indices = batch.pop("_index")
+        self.last_indices = batch.pop("_index")  # [B], or [B, K] when packed (-1: no example)
         if self.report.num_seen >= self._cfg.min_seen_before_check:
             self.report.check(self._cfg.max_bad_fraction)
         return batch
@@ -369,16 +469,18 @@ def _ensure_flags_parsed():
 
 def _finish(ds: grain.MapDataset, processor, cfg: DataConfig, drop_remainder: bool):
     ds = ds.map(processor)
+    examples_per_batch = cfg.batch_size * (cfg.examples_per_row if cfg.packing else 1)
     iter_ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=2 * cfg.batch_size)
+        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=2 * examples_per_batch)
     )
-    iter_ds = _SkipAndBatchDataset(
-        iter_ds,
-        cfg.batch_size,
-        cfg.max_bad_fraction,
-        cfg.min_seen_before_check,
-        drop_remainder,
-    )
+    skip = (cfg.max_bad_fraction, cfg.min_seen_before_check)
+    if cfg.packing:
+        shape = (cfg.batch_size, cfg.max_len, cfg.images_per_row, cfg.examples_per_row)
+        iter_ds = _SkipAndBatchDataset(iter_ds, _SkipAndPackIterator, *skip, shape,
+                                       processor.padding_example())
+    else:
+        iter_ds = _SkipAndBatchDataset(iter_ds, _SkipAndBatchIterator, *skip, cfg.batch_size,
+                                       drop_remainder)
     if cfg.worker_count > 0:
         _ensure_flags_parsed()
         iter_ds = iter_ds.mp_prefetch(
@@ -405,7 +507,8 @@ def make_train_iterator(
     process_count: int | None = None,
     source=None,
 ) -> HostBatchIterator:
-    """Training batches for this process (shuffled, repeated, bad records skipped)."""
+    """Training batches for this process (shuffled, repeated, bad records skipped; packed
+    when cfg.packing)."""
     process_index, process_count = _process_info(process_index, process_count)
     source = make_source(cfg) if source is None else source
     ds = grain.MapDataset.source(_SafeRead(source))
@@ -477,7 +580,8 @@ def make_eval_iterator(
     length = -(-per_process // cfg.batch_size) * cfg.batch_size
     ds = grain.MapDataset.source(_EvalRead(source, process_index, process_count, length))
     processor = _EvalProcessor(ExampleProcessor(cfg, tokenizer))
-    eval_cfg = cfg.replace(max_bad_fraction=0.999999)  # nothing is dropped in eval
+    # Nothing is dropped in eval, and rows stay aligned with the question list (unpacked).
+    eval_cfg = cfg.replace(max_bad_fraction=0.999999, packing=False)
     dataset = _finish(ds, processor, eval_cfg, drop_remainder=False)
     return HostBatchIterator(dataset, eval_cfg, getattr(source, "report", None))
 

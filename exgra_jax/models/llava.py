@@ -47,11 +47,24 @@ class LlavaModel(nn.Module):
         return self.projector(select_features(self.config, hidden))
 
     def embed_multimodal(self, input_ids_bt, pixel_values_bhwc=None):
+        """(embeddings with image features spliced in, image features or None).
+
+        ``pixel_values`` is [b, h, w, 3] (one image per row) or [b, i, h, w, 3] (packed
+        rows: i images per row, in the order of the row's image-token blocks); the
+        features are then [b, i, num_image_tokens, d] and a row's k-th image token gets
+        the k-th feature of its images laid end to end.
+        """
         embeds = self.llm.embed(input_ids_bt)
         if pixel_values_bhwc is None:
             return embeds, None
-        features = self.encode_images(pixel_values_bhwc)
-        return splice_image_features(embeds, input_ids_bt, features, self.config.image_token_id), \
+        if pixel_values_bhwc.ndim == 5:
+            b, i = pixel_values_bhwc.shape[:2]
+            features = self.encode_images(pixel_values_bhwc.reshape(b * i, *pixel_values_bhwc.shape[2:]))
+            features = features.reshape(b, i, *features.shape[1:])
+            flat = features.reshape(b, -1, features.shape[-1])
+        else:
+            features = flat = self.encode_images(pixel_values_bhwc)
+        return splice_image_features(embeds, input_ids_bt, flat, self.config.image_token_id), \
             features
 
     def text_hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None,
@@ -86,10 +99,14 @@ class LlavaModel(nn.Module):
         )
         return self.llm.logits(h), cache
 
-    def forward_features(self, input_ids_bt, pixel_values_bhwc=None, attention_mask_bt=None):
-        """(logits [b, t, vocab], projected image features [b, p, d] or None)."""
+    def forward_features(self, input_ids_bt, pixel_values_bhwc=None, attention_mask_bt=None,
+                         positions_bt=None, segment_ids_bt=None):
+        """(logits [b, t, vocab], projected image features [b, p, d] or None); packed rows
+        pass ``segment_ids_bt`` and ``positions_bt`` and [b, i, h, w, 3] pixels, and get
+        features [b, i, p, d]."""
         embeds, features = self.embed_multimodal(input_ids_bt, pixel_values_bhwc)
-        h, _ = self.llm.decode(embeds, attention_mask_bt)
+        h, _ = self.llm.decode(embeds, attention_mask_bt, positions_bt,
+                               segment_ids_bt=segment_ids_bt)
         return self.llm.logits(h), features
 
     def __call__(self, input_ids_bt, pixel_values_bhwc=None, attention_mask_bt=None):

@@ -51,19 +51,35 @@ class StepConfig:
     lora: LoraConfig | None = None  # LoRA: adapters folded into their kernels per forward
 
 
-def lm_loss_sums(logits_btv, labels_bt, example_mask_b):
-    """(sum of next-token NLL over supervised positions, number of such positions)."""
+def is_packed(batch) -> bool:
+    """Packed rows (several examples per row, see data/packing.py) carry segment ids."""
+    return "segment_ids" in batch
+
+
+def supervised_positions(batch) -> jax.Array:
+    """[b, t-1]: whether the token at t+1 is a label predicted from position t.
+
+    Unpacked: its label is set and its row is a real example. Packed: its label is set
+    and it lies in the same segment as t, so no prediction crosses into another example.
+    """
+    lab = batch["labels"][:, 1:]
+    if is_packed(batch):
+        seg = batch["segment_ids"]
+        same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+        return (lab != IGNORE) & same
+    return (lab != IGNORE) & (batch["example_mask"][:, None] > 0)
+
+
+def lm_loss_sums(logits_btv, labels_bt, valid_bt):
+    """(sum of next-token NLL over the ``supervised_positions``, their number)."""
     lab = labels_bt[:, 1:]
-    valid = (lab != IGNORE) & (example_mask_b[:, None] > 0)
     logp = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, lab, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * valid), jnp.sum(valid).astype(jnp.float32)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid_bt, lab, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * valid_bt), jnp.sum(valid_bt).astype(jnp.float32)
 
 
 def token_count(batch) -> jax.Array:
-    lab = batch["labels"][:, 1:]
-    valid = (lab != IGNORE) & (batch["example_mask"][:, None] > 0)
-    return jnp.sum(valid).astype(jnp.float32)
+    return jnp.sum(supervised_positions(batch)).astype(jnp.float32)
 
 
 # ====================================================================== text branches
@@ -170,25 +186,48 @@ def text_branch_vectors(model: LlavaModel, params, batch, sc: StepConfig):
 
 
 # ================================================================================ loss
+def alignment_nodes(batch, feats):
+    """One alignment node per example: (batch of per-example text inputs [n, ...], pooled
+    image features [n, d], node mask [n]). Examples without an image are not nodes.
+
+    Packed rows hold K example slots and I images: slot k's image is the one whose
+    image_segment_ids is k + 1; the slots of all rows, in row order, are the nodes.
+    """
+    keys = ("response_ids", "response_mask", "caption_ids", "caption_mask")
+    pooled = jnp.mean(feats.astype(jnp.float32), axis=-2)  # [b, d] or [b, i, d]
+    mask = (batch["example_mask"] > 0) & (batch["has_image"] > 0)
+    if not is_packed(batch):
+        return {k: batch[k] for k in keys}, pooled, mask
+    b, slots = batch["example_mask"].shape
+    segment = jnp.arange(1, slots + 1)
+    owner = (batch["image_segment_ids"][:, None, :] == segment[None, :, None])  # [b, K, i]
+    image = jnp.einsum("bki,bid->bkd", owner.astype(jnp.float32), pooled)
+    text = {k: batch[k].reshape(b * slots, *batch[k].shape[2:]) for k in keys}
+    return text, image.reshape(b * slots, -1), mask.reshape(-1)
+
+
 def forward_loss(params, batch, rng, sc: StepConfig, total_tokens, deterministic=False):
     """Loss of one micro-batch, scaled so that summing over micro-batches gives the
-    batch loss; plus unscaled metrics."""
+    batch loss; plus unscaled metrics. ``batch`` is padded (one example per row) or
+    packed (`is_packed`); both give the same loss on the same examples."""
     params = with_adapters(params, sc.lora, dtype_of(sc.model.dtype))
     model = LlavaModel(sc.model)
+    packing = (batch["positions"], batch["segment_ids"]) if is_packed(batch) else (None, None)
     logits, feats = model.apply(
         {"params": params["model"]}, batch["input_ids"], batch["pixel_values"],
-        batch["attention_mask"], method=LlavaModel.forward_features,
+        batch["attention_mask"], *packing, method=LlavaModel.forward_features,
     )
-    nll_sum, count = lm_loss_sums(logits, batch["labels"], batch["example_mask"])
+    nll_sum, count = lm_loss_sums(logits, batch["labels"], supervised_positions(batch))
     loss = nll_sum / jnp.maximum(total_tokens, 1.0)
     metrics = {"lm_nll_sum": nll_sum, "lm_tokens": count}
     if sc.alignment is not None:
-        image = jnp.mean(feats.astype(jnp.float32), axis=1)
-        response, caption, packed = text_branch_vectors(model, params["model"], batch, sc)
+        text, image, node_mask = alignment_nodes(batch, feats)
+        response, caption, packed = text_branch_vectors(model, params["model"], text, sc)
         gumbel, dropout = jax.random.split(rng)
         align, align_metrics = MultiGraphAlignment(sc.alignment, sc.num_groups).apply(
             {"params": params["alignment"]}, image, response, caption,
-            deterministic=deterministic, rngs={"gumbel": gumbel, "dropout": dropout},
+            deterministic=deterministic, node_mask=node_mask,
+            rngs={"gumbel": gumbel, "dropout": dropout},
         )
         loss = loss + sc.alignment_weight * align / sc.micro_batches
         metrics["align_loss"] = align
@@ -264,7 +303,11 @@ def make_train_step(sc: StepConfig, optimizer: optax.GradientTransformation, mas
             "grad_norm": grad_norm,
             "skipped_updates": new_state["skipped"],
             "supervised_tokens": msum["lm_tokens"],
+            # Real tokens (image tokens included) and the LM's token slots: their ratio
+            # is the share of the LM compute that is not padding.
             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+            "token_slots": jnp.asarray(batch["attention_mask"].size, jnp.float32),
+            "examples": jnp.sum(batch["example_mask"] > 0).astype(jnp.float32),
         }
         if sc.alignment is not None:
             metrics["align_loss"] = msum["align_loss"] / m
@@ -286,7 +329,7 @@ def make_eval_step(sc: StepConfig):
         model = LlavaModel(sc.model)
         logits = model.apply({"params": params["model"]}, batch["input_ids"],
                              batch["pixel_values"], batch["attention_mask"])
-        nll, count = lm_loss_sums(logits, batch["labels"], batch["example_mask"])
+        nll, count = lm_loss_sums(logits, batch["labels"], supervised_positions(batch))
         return {"nll_sum": nll, "tokens": count}
 
     return eval_step

@@ -40,6 +40,11 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
         image_aspect="pad", mm_use_im_start_end=True, seed=0, fraction=1.0,
         max_bad_fraction=0.05, worker_count=0, read_threads=1, shuffle=True,
         allow_outside_image_folder=False,  # True: image names may leave image_folder
+        # Packing (data/packing.py): several examples per row of max_len tokens; then
+        # train.global_batch_size counts rows. tools/benchmarks/packing.py measures a data
+        # mix and prints the per-row limits and the mean examples per row, which turns
+        # train.num_epochs into steps.
+        packing=False, images_per_row=1, examples_per_row=1, mean_examples_per_row=0.0,
     ))
     # DICOM / NIfTI to RGB (exgra_jax.data.medical_image.MedicalImageOptions): window is a
     # CT preset (brain, subdural, stroke, soft_tissue, abdomen, mediastinum, liver, lung,

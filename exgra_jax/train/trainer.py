@@ -75,7 +75,30 @@ def data_config(config, mcfg: ModelConfig, batch_size: int, *, eval_mode: bool =
         max_bad_fraction=d["max_bad_fraction"], worker_count=d["worker_count"],
         read_threads=d["read_threads"], shuffle=d["shuffle"] and not eval_mode,
         num_epochs=None if not eval_mode else 1,
+        packing=d.get("packing", False) and not eval_mode,
+        images_per_row=d.get("images_per_row", 1), examples_per_row=d.get("examples_per_row", 1),
     )
+
+
+def examples_per_step(config) -> float:
+    """Examples a training step sees: the global batch, or with packing its rows times the
+    measured mean examples per row."""
+    t, d = config.train, config.data
+    if not d.get("packing", False):
+        return float(t.global_batch_size)
+    return t.global_batch_size * d.mean_examples_per_row
+
+
+def total_steps(config, num_records: int) -> int:
+    """train.total_steps, else train.num_epochs over the data set."""
+    t, d = config.train, config.data
+    if t.total_steps:
+        return int(t.total_steps)
+    if d.get("packing", False) and d.mean_examples_per_row <= 0:
+        raise ValueError("with data.packing a step holds a varying number of examples: set "
+                         "data.mean_examples_per_row (tools/benchmarks/packing.py measures it) "
+                         "or train.total_steps")
+    return max(1, int(t.num_epochs * num_records // examples_per_step(config)))
 
 
 def validate(config, mcfg: ModelConfig, acfg: AlignmentConfig | None, mesh) -> None:
@@ -98,8 +121,10 @@ def validate(config, mcfg: ModelConfig, acfg: AlignmentConfig | None, mesh) -> N
     if config.data.max_len > mcfg.max_positions:
         raise ValueError(f"data.max_len={config.data.max_len} exceeds model.max_positions="
                          f"{mcfg.max_positions}")
-    if acfg is not None:
-        graph_count(acfg, t.global_batch_size // t.micro_batches, shards)
+    if acfg is not None:  # one alignment node per example (per example slot when packed)
+        packing = config.data.get("packing", False)
+        slots = config.data.examples_per_row if packing else 1
+        graph_count(acfg, t.global_batch_size // t.micro_batches * slots, shards, packing)
     if config.eval.select_metric and not config.eval.json_paths:
         raise ValueError("eval.select_metric needs a validation set: set eval.json_paths, or "
                          "--config.eval.select_metric='' to train without best-step selection")
@@ -264,7 +289,7 @@ class MetricWriter:
             done = step - self.first_step
             eta = (time.time() - self.t0) / done * (self.total - step) if done else float("nan")
             keys = ("loss", "lm_loss", "align_loss", "grad_norm", "lr", "step_time",
-                    "tokens_per_s", "mfu")
+                    "real_tokens_per_s", "real_token_share", "mfu", "mfu_real")
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
             print(f"[{step}/{self.total}] {shown} eta={_fmt_time(eta)}", flush=True)
         else:
@@ -487,6 +512,14 @@ def _finished_metrics(workdir: str, step: int) -> dict[str, Any] | None:
     return None
 
 
+def _batch_description(config) -> str:
+    d, rows = config.data, config.train.global_batch_size
+    if not d.get("packing", False):
+        return f"{rows}"
+    return (f"{rows} packed rows of {d.max_len} tokens (<= {d.examples_per_row} examples, "
+            f"<= {d.images_per_row} images each; ~{examples_per_step(config):.0f} examples)")
+
+
 def startup_summary(run: Run, *, workdir: str, records: int, total: int, start: int,
                     source_report=None) -> str:
     """The few facts a user checks first, in one block."""
@@ -500,7 +533,7 @@ def startup_summary(run: Run, *, workdir: str, records: int, total: int, start: 
         f"model       {count(params) / 1e6:,.1f}M parameters, {trainable / 1e6:,.1f}M trainable"
         f" ({run.model.param_dtype} master weights, {run.model.dtype} compute)",
         f"data        {records:,} records ({bad} bad at start-up), "
-        f"global batch {run.config.train.global_batch_size}",
+        f"global batch {_batch_description(run.config)}",
         f"steps       {total:,} total; "
         + (f"resumed from step {start}" if start else
            f"starting from init.source={run.config.init.source}"),
@@ -544,8 +577,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     per_host = config.train.global_batch_size // jax.process_count()
     dcfg = data_config(config, mcfg, per_host)
     source = make_source(dcfg)
-    total = config.train.total_steps or max(
-        1, int(config.train.num_epochs * len(source) // config.train.global_batch_size))
+    total = total_steps(config, len(source))
     run = build(config, total)
 
     ckpt = Checkpointer(paths.join(workdir, CHECKPOINTS), keep=config.train.keep_checkpoints,
@@ -616,9 +648,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     now = time.time()
                     dt = (now - t_last) / (step - s_last)
                     t_last, s_last = now, step
-                    metrics.update(step_time=dt, tokens_per_s=metrics["tokens"] / dt)
+                    share = metrics["tokens"] / max(metrics["token_slots"], 1.0)
+                    metrics.update(step_time=dt, real_tokens_per_s=metrics["tokens"] / dt,
+                                   real_token_share=share)
                     if t.peak_flops_per_device:
+                        # mfu counts every token slot's FLOPs; mfu_real only the real
+                        # tokens' share of them (the work that is not padding).
                         metrics["mfu"] = flops / dt / (t.peak_flops_per_device * n_dev)
+                        metrics["mfu_real"] = metrics["mfu"] * share
                 writer.write(step, metrics)
                 last = metrics
             if interrupt.agreed(ckpt, step, sync=log_now):

@@ -96,7 +96,7 @@ def write_safetensors(
             arr = np.ascontiguousarray(produce(name), dtype=dtype)
             if arr.shape != shape:
                 raise ValueError(f"{name}: produced shape {arr.shape}, declared {shape}")
-            f.write(arr.tobytes())
+            f.write(arr.reshape(-1).view(np.uint8))  # the array's own bytes, no copy
     os.replace(tmp, path)
 
 

@@ -97,6 +97,7 @@ def write_safetensors(
             if arr.shape != shape:
                 raise ValueError(f"{name}: produced shape {arr.shape}, declared {shape}")
             f.write(arr.reshape(-1).view(np.uint8))  # the array's own bytes, no copy
+            del arr  # may view a whole parameter: let it go before the next is read
     os.replace(tmp, path)
 
 

@@ -122,8 +122,8 @@ class Checkpointer:
     def restore_param_leaf(self, step: int, keys: tuple[str, ...],
                            abstract: jax.ShapeDtypeStruct) -> np.ndarray:
         """One leaf of ``state['params']`` (``keys``, e.g. ``('model', 'llm', 'embed_tokens')``)
-        as a host numpy array, restored alone: converting leaf by leaf holds one tensor, not
-        the model (a whole-tree restore also holds orbax's read buffers for every leaf)."""
+        as a host numpy array, restored alone, so that a conversion read leaf by leaf holds
+        one leaf (and orbax's buffers for it), never the whole model."""
         tree: Any = abstract
         for key in reversed(keys):
             tree = {key: tree}

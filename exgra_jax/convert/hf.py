@@ -11,7 +11,7 @@
 
 Unknown tensors in a llava-hf or LLaVA-Med directory are refused by name, never dropped.
 
-Conversion runs tensor by tensor from memory-mapped files into preallocated arrays, so host
+Conversion reads tensor by tensor from the files into preallocated arrays, so host
 memory stays near one copy of the model in the target dtype.
 """
 

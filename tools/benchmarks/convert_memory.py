@@ -10,9 +10,10 @@ as a training checkpoint (params only, fp32) by one child process; a second chil
 tensors as it goes, so its peak should stay well under one copy of the weights: the goal is
 peak RSS <= 1.3 x the checkpoint's parameter bytes. ``from-hf`` then builds a training run
 of the same model from that export (a training config written here, with the default
-recipe: alignment head, AdamW) and saves its step 0, parameters and Adam moments (zeros,
-which compress to almost nothing on disk): it must hold the fp32 weights and the moments
-at once, so it cannot stay under 1.3x; ``300m`` measures it where ``1b`` would not fit. Prints a
+recipe: alignment head, AdamW) and saves its step 0: the fp32 weights and their Adam
+moments (zeros, which compress to almost nothing on disk), a train state of about 2.7x the
+parameter bytes that it must hold at once, so its peak is several times the weights
+(``300m`` measures it on a machine where ``1b``, about 17 GiB, would not fit). Prints a
 table and, last, one JSON line.
 """
 

@@ -119,6 +119,19 @@ class Checkpointer:
             args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True))
         return out["params"]
 
+    def restore_param_leaf(self, step: int, keys: tuple[str, ...],
+                           abstract: jax.ShapeDtypeStruct) -> np.ndarray:
+        """One leaf of ``state['params']`` (``keys``, e.g. ``('model', 'llm', 'embed_tokens')``)
+        as a host numpy array, restored alone, so that a conversion read leaf by leaf holds
+        one leaf (and orbax's buffers for it), never the whole model."""
+        tree: Any = abstract
+        for key in reversed(keys):
+            tree = {key: tree}
+        out = self.restore_params(step, tree)
+        for key in keys:
+            out = out[key]
+        return out
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_tool(*args):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"),
+    # This checkout's package first (not whichever one is installed), then the fixtures.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
     out = subprocess.run([sys.executable, "tools/convert_checkpoint.py", *args], cwd=ROOT,
                          env=env, capture_output=True, text=True)

@@ -149,9 +149,12 @@ def test_bad_records_are_skipped_and_reported(tmp_path, data):
     _, _, tok = data
     directory = str(tmp_path)
     path, bad = _salted_dataset(directory, 2, 1, 2)
-    cfg = small_config(directory, path, num_epochs=1, batch_size=2, max_bad_fraction=0.3)
+    # Unshuffled, so the bad records (the first five) are all read before the left-over.
+    cfg = small_config(directory, path, num_epochs=1, batch_size=2, max_bad_fraction=0.3,
+                       shuffle=False)
     it = make_train_iterator(cfg, tok, 0, 1)
     batches = _drain(it)
+    assert it.source_report.num_bad == 0  # malformed records, too, are found when read
     # 24 - 5 bad = 19 good -> 9 full batches of 2 (one left over, dropped).
     assert len(batches) == 9
     reported = dict(it.bad_records)
@@ -169,12 +172,16 @@ def test_bad_records_are_skipped_and_reported(tmp_path, data):
 
 def test_mostly_bad_data_stops_with_clear_error(tmp_path, data):
     _, _, tok = data
-    # Missing files and malformed records: caught when the source is opened.
+    # Missing files and malformed records: the source opens (nothing is checked per record
+    # at start-up); reading stops once more than 20% of the records read are bad.
     d1 = tmp_path / "a"
     d1.mkdir()
     path, _ = _salted_dataset(str(d1), 0, 10, 6)
-    with pytest.raises(BadDataError, match=r"rec00\d\d"):
-        JsonSource(path, str(d1 / "images"), max_bad_fraction=0.2)
+    assert len(JsonSource(path, str(d1 / "images"))) == N
+    cfg = small_config(str(d1), path, batch_size=2, max_bad_fraction=0.2,
+                       min_seen_before_check=8)
+    with pytest.raises(BadDataError, match=r"more than 20\.0% .*rec00\d\d"):
+        _drain(make_train_iterator(cfg, tok, 0, 1), 20)
     # Corrupt images: caught while reading.
     d2 = tmp_path / "b"
     d2.mkdir()
@@ -216,7 +223,8 @@ def test_fraction_selects_a_deterministic_subset(data):
     directory, path, _ = data
     src = JsonSource(path, os.path.join(directory, "images"), fraction=0.25, seed=1)
     assert len(src) == 6
-    assert src.ids == [f"rec{i:04d}" for i in subset_indices(N, 0.25, 1)]
+    assert [src[i]["id"] for i in range(len(src))] == [f"rec{i:04d}"
+                                                       for i in subset_indices(N, 0.25, 1)]
 
 
 def test_global_batch_is_sharded_on_the_batch_axes(data):

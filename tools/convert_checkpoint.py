@@ -33,8 +33,7 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
 
     from exgra_jax import paths
     from exgra_jax.checkpoint import Checkpointer
-    from exgra_jax.convert.hf import save_llava
-    from exgra_jax.eval.checkpoint_loading import checkpoint_directory, restore_model_params
+    from exgra_jax.eval.checkpoint_loading import checkpoint_directory
     from exgra_jax.models.config import ModelConfig
     from exgra_jax.workdir import BEST
 
@@ -51,12 +50,15 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
         step = latest  # WORKDIR/best keeps one step: the best
     elif step is not None and step not in ckpt.all_steps():
         raise SystemExit(f"{workdir}: no checkpoint at step {step} (have {ckpt.all_steps()})")
-    config = ModelConfig.from_dict(ckpt.read_meta(latest if step is None else step)["model"])
-    ckpt.close()
-    # Only params['model'] is read (no optimizer state), as host numpy arrays: an
-    # accelerator chip could not hold a 7B model's fp32 weights, the host can, once.
-    params, step = restore_model_params(workdir, config, None, None, BEST if best else step)
-    save_llava(config, params, out, dtype=dtype)
+    step = latest if step is None else step
+    config = ModelConfig.from_dict(ckpt.read_meta(step)["model"])
+    # Only params['model'] is read (no optimizer state), leaf by leaf as host numpy arrays
+    # written out as they come: neither an accelerator chip nor the host ever holds a
+    # whole 7B model.
+    try:
+        _stream_params_to_hf(ckpt, step, config, out, dtype)
+    finally:
+        ckpt.close()
     run_config = _run_config(workdir)
     tokenizer_dir = run_config.get("tokenizer", "")
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
@@ -66,6 +68,22 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
               "written", file=sys.stderr)
     print(f"wrote {out} from {workdir} {'best ' if best else ''}step {step}")
     return out
+
+
+def _stream_params_to_hf(ckpt, step: int, config, out: str, dtype: str | None) -> None:
+    """``params['model']`` of ``step`` -> a llava-hf directory, one leaf at a time, after
+    checking the checkpoint's parameter shapes against ``config``."""
+    from exgra_jax.checkpoint import check_meta, param_shapes
+    from exgra_jax.convert.hf import abstract_params, unflatten, write_llava
+
+    abstract = abstract_params(config)  # '/'-joined path -> ShapeDtypeStruct
+    expected = {"model": config.to_dict(),
+                "param_shapes": param_shapes({"model": unflatten(abstract)})}
+    check_meta(ckpt.read_meta(step), expected, f"{ckpt.directory}/{step}", scope="['model']")
+    write_llava(config, {path: a.shape for path, a in abstract.items()},
+                lambda path: ckpt.restore_param_leaf(step, ("model", *path.split("/")),
+                                                     abstract[path]),
+                out, dtype=dtype)
 
 
 def _run_config(workdir: str) -> dict:

@@ -11,7 +11,7 @@
 
 Unknown tensors in a llava-hf or LLaVA-Med directory are refused by name, never dropped.
 
-Conversion runs tensor by tensor from memory-mapped files into preallocated arrays, so host
+Conversion reads tensor by tensor from the files into preallocated arrays, so host
 memory stays near one copy of the model in the target dtype.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -382,33 +383,48 @@ def hf_config(config: mc.ModelConfig) -> dict[str, Any]:
 def save_llava(config: mc.ModelConfig, params: dict, out_dir: str, dtype: str | None = None,
                max_shard_bytes: int = 5 * 2**30) -> None:
     """Write a llava-hf directory: config.json + (sharded) safetensors, tensor by tensor."""
+    flat = flatten(params)
+    write_llava(config, {p: tuple(x.shape) for p, x in flat.items()}, flat.__getitem__,
+                out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def write_llava(config: mc.ModelConfig, shapes: dict[str, tuple[int, ...]],
+                read_leaf: Callable[[str], Any], out_dir: str, dtype: str | None = None,
+                max_shard_bytes: int = 5 * 2**30) -> None:
+    """``save_llava`` from parameters read on demand: ``shapes`` maps each '/'-joined
+    parameter path to its shape, ``read_leaf(path)`` returns that parameter. Each leaf is
+    read once and only one is held at a time: the tensors of a leaf stacked over layers
+    (scan) are written one after the other, so a checkpoint can be streamed to safetensors
+    without ever holding the whole model."""
     cfg = hf_config(config)
     dtype = dtype or config.param_dtype
     np_dtype = NP_DTYPES[dtype]
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     os.makedirs(out_dir, exist_ok=True)
-    flat = flatten(params)
     layout = LAYOUTS["llava_hf"]
 
-    entries = []  # (hf name, shape, producer)
+    by_leaf: dict[str, list] = {}  # our leaf path -> [(hf name, hf shape, layer, transform)]
     for ours, theirs, tname in expand(config, layout):
         path, layer = locate(ours, config.scan_layers)
-        if path not in flat:
+        if path not in shapes:
             raise KeyError(f"params have no {path!r}; does the config match the params?")
-        leaf = flat[path]
-        shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
-        hf_shape = tuple(TRANSFORMS[tname][2](shape))
+        shape = tuple(shapes[path][1:] if layer is not None else shapes[path])
+        by_leaf.setdefault(path, []).append((theirs, tuple(TRANSFORMS[tname][2](shape)),
+                                             layer, tname))
+    entries = [(path, *e) for path, leaf_entries in by_leaf.items() for e in leaf_entries]
+    held: dict[str, Any] = {}  # the one leaf being written
 
-        def produce(leaf=leaf, layer=layer, tname=tname):
-            x = np.asarray(leaf[layer] if layer is not None else leaf)
-            return TRANSFORMS[tname][1](x)
-
-        entries.append((theirs, hf_shape, produce))
+    def produce(path, layer, tname):
+        if path not in held:
+            held.clear()  # drop the previous leaf before reading the next
+            held[path] = read_leaf(path)
+        leaf = held[path]
+        return TRANSFORMS[tname][1](np.asarray(leaf[layer] if layer is not None else leaf))
 
     shards: list[list] = [[]]
     size = 0
     for e in entries:
-        nbytes = int(np.prod(e[1])) * np_dtype.itemsize
+        nbytes = int(np.prod(e[2])) * np_dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -418,16 +434,17 @@ def save_llava(config: mc.ModelConfig, params: dict, out_dir: str, dtype: str | 
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for fname, shard in zip(names, shards, strict=True):
-        producers = {name: fn for name, _, fn in shard}
+        sources = {name: (path, layer, tname) for path, name, _, layer, tname in shard}
         write_safetensors(
             os.path.join(out_dir, fname),
-            [(name, shape, np_dtype) for name, shape, _ in shard],
-            lambda name, producers=producers: producers[name](),
+            [(name, shape, np_dtype) for _, name, shape, _, _ in shard],
+            lambda name, sources=sources: produce(*sources[name]),
             metadata={"format": "pt"},
         )
-        weight_map.update(dict.fromkeys(producers, fname))
+        weight_map.update(dict.fromkeys(sources, fname))
+    held.clear()
     if len(shards) > 1:
-        total = sum(int(np.prod(s)) * np_dtype.itemsize for _, s, _ in entries)
+        total = sum(int(np.prod(e[2])) * np_dtype.itemsize for e in entries)
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     elif os.path.exists(os.path.join(out_dir, "model.safetensors.index.json")):

@@ -1,6 +1,6 @@
 """Lazy, tensor-by-tensor safetensors reading and streaming writing with NumPy.
 
-Reading memory-maps each file, so a tensor is only materialised when asked for; writing
+Reading takes a file's header once and then each tensor when asked for; writing
 emits the header first (all shapes and dtypes are known up front) and then one tensor at a
 time, so converting a 7B checkpoint never holds two copies of the model. bfloat16 is
 supported through ml_dtypes. The format: 8-byte little-endian header length, a JSON header
@@ -33,7 +33,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class SafetensorsFile:
-    """One .safetensors file, memory-mapped; ``get(name)`` returns a NumPy view."""
+    """One .safetensors file; ``get(name)`` reads one tensor into a new NumPy array."""
 
     def __init__(self, path: str):
         self.path = path
@@ -48,7 +48,6 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries = header
         self._base = 8 + n
-        self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -61,8 +60,14 @@ class SafetensorsFile:
         if e["dtype"] not in _DTYPES:
             raise ValueError(f"{self.path}: unsupported dtype {e['dtype']} for {name}")
         lo, hi = e["data_offsets"]
-        raw = self._mmap[self._base + lo : self._base + hi]
-        return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+        # Read into a new array rather than viewing a memory map: mapped pages, once read,
+        # stay in the process's resident set, so loading would hold the file and the copy.
+        out = np.empty(hi - lo, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._base + lo)
+            if f.readinto(out) != hi - lo:
+                raise ValueError(f"{self.path}: truncated data for {name}")
+        return out.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
 def write_safetensors(
@@ -96,7 +101,8 @@ def write_safetensors(
             arr = np.ascontiguousarray(produce(name), dtype=dtype)
             if arr.shape != shape:
                 raise ValueError(f"{name}: produced shape {arr.shape}, declared {shape}")
-            f.write(arr.tobytes())
+            f.write(arr.reshape(-1).view(np.uint8))  # the array's own bytes, no copy
+            del arr  # may view a whole parameter: let it go before the next is read
     os.replace(tmp, path)
 
 

@@ -5,26 +5,30 @@ Every source yields, per index, the record dict of the data contract:
    "conversations": [{"from", "value"}...], "conversations_long": [...] | None,
    "answer_type": "OPEN" | "CLOSED" | ""}
 
-Malformed records (no conversation, bad turns) are dropped when a source is opened: a
-check of the record alone, so start-up touches no image file. Everything about the image
-(a name that leads outside the image folder, a missing or corrupt file) is found when the
-record is read (on the host that reads it) and becomes a counted skip in the pipeline,
-so start-up makes no file-system call per record. Both stages stop with a `BadDataError`
-naming examples when more than `max_bad_fraction` of the data is bad.
+Nothing is checked per record when a source is opened, so start-up does not grow with
+the data set: a malformed record (no conversation, bad turns) and everything about the
+image (a name that leads outside the image folder, a missing or corrupt file) are found
+when the record is read (on the host that reads it) and become counted skips in the
+pipeline, which stops with a `BadDataError` naming examples when more than
+`max_bad_fraction` of the records read are bad.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from etils import epath
 
 from exgra_jax.data.conversation import ConversationError, normalize_turns
 from exgra_jax.data.image import ImageDecodeError, resolve_image_path
+from exgra_jax.paths import basename, is_url
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +153,94 @@ def subset_indices(num_records: int, fraction: float, seed: int) -> np.ndarray:
 # Sources
 
 
+def index_cache_dir() -> str:
+    """Where JSON record indexes (and local copies of remote JSON files) are kept:
+    $EXGRA_DATA_CACHE, else $XDG_CACHE_HOME/exgra_jax/json_index (~/.cache by default)."""
+    if os.environ.get("EXGRA_DATA_CACHE"):
+        return os.environ["EXGRA_DATA_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "exgra_jax", "json_index")
+
+
+def scan_json_list(data: bytes, where: str) -> np.ndarray:
+    """Byte spans ``[n, 2]`` (start, end) of the elements of a top-level JSON list.
+
+    Decoded as latin-1, one character per byte, so the decoder's character positions are
+    byte positions; UTF-8's multi-byte sequences contain no byte JSON gives a meaning to."""
+    text = data.decode("latin-1")
+    decoder, space = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    pos = space.match(text).end()
+    if text[pos:pos + 1] != "[":
+        raise ValueError(f"{where}: expected a JSON list of records")
+    pos = space.match(text, pos + 1).end()
+    spans = []
+    while text[pos:pos + 1] != "]":
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON: {e}") from e
+        spans.append((pos, end))
+        pos = space.match(text, end).end()
+        if text[pos:pos + 1] == ",":
+            pos = space.match(text, pos + 1).end()
+        elif text[pos:pos + 1] != "]":
+            raise ValueError(f"{where}: expected ',' or ']' at byte {pos}")
+    if space.match(text, pos + 1).end() != len(text):
+        raise ValueError(f"{where}: unexpected data after the JSON list (byte {pos + 1})")
+    return np.asarray(spans, np.int64).reshape(-1, 2)
+
+
+def indexed_json(path: str, cache_dir: str | None = None) -> tuple[str, np.ndarray]:
+    """(a local file holding ``path``'s bytes, the byte spans of its records).
+
+    The spans are computed once per file version (path, size, modification time) and kept
+    in ``cache_dir``, so opening a data set again reads 16 bytes per record, not the JSON.
+    A remote file (gs://...) is copied into the cache once, and records are read there."""
+    cache_dir = cache_dir or index_cache_dir()
+    if is_url(path):
+        stat = epath.Path(path).stat()
+        version = (path, stat.length, stat.mtime)
+    else:
+        path = os.path.abspath(path)
+        stat = os.stat(path)
+        version = (path, stat.st_size, stat.st_mtime_ns)
+    key = hashlib.sha256(json.dumps(version).encode()).hexdigest()[:32]
+    base = os.path.join(cache_dir, f"{basename(path)}.{key}")
+    local = path if not is_url(path) else base + ".json"
+    index = base + ".spans.npy"
+    if os.path.exists(index) and os.path.exists(local):
+        return local, np.load(index, mmap_mode="r")
+    os.makedirs(cache_dir, exist_ok=True)
+    data = epath.Path(path).read_bytes()
+    spans = scan_json_list(data, path)
+    if local != path:
+        _write_atomically(local, lambda f: f.write(data))
+    _write_atomically(index, lambda f: np.save(f, spans))
+    log.info("indexed %d records of %s in %s", len(spans), path, index)
+    return local, spans
+
+
+def _write_atomically(path: str, write) -> None:
+    """Through a temporary sibling, so that processes building the same index at once never
+    read half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
 class JsonSource:
     """LLaVA-Med JSON (pre-training, instruction or VQA files) plus an image folder.
 
-    `paths` may name several JSON files (concatenated in order). Records are normalized
-    and checked at construction (no file access); `report` lists the malformed ones.
-    Image names are joined with `image_folder` when a record is read, through
-    `resolve_image_path`: a name leading outside the folder raises RecordError there
-    (unless `allow_outside_image_folder`); whether the file exists is found on decoding.
+    `paths` may name several JSON files (concatenated in order), local or gs://. Opening
+    reads only a byte-span index per file (`indexed_json`, built on first use), so
+    start-up does not grow with the data set. Each record is parsed, normalized and checked
+    when it is read: a malformed record raises RecordError there (with its id), which the
+    pipeline counts as a skip and holds against `max_bad_fraction` (so this source's own
+    `report` stays empty and `max_bad_fraction` is not used here). Image names are joined
+    with `image_folder` then, through `resolve_image_path`: a name leading outside the
+    folder raises RecordError (unless `allow_outside_image_folder`); whether the file exists
+    is found on decoding.
     """
 
     def __init__(
@@ -167,40 +251,41 @@ class JsonSource:
         seed: int = 0,
         max_bad_fraction: float = 0.05,
         allow_outside_image_folder: bool = False,
+        cache_dir: str | None = None,
     ):
         paths = [paths] if isinstance(paths, str) else list(paths)
-        raw = []
-        for path in paths:
-            with open(path) as f:
-                data = json.load(f)
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of records")
-            raw.extend(data)
+        del max_bad_fraction  # applied by the pipeline to the records it reads
+        indexed = [indexed_json(path, cache_dir) for path in paths]
+        self._files = [local for local, _ in indexed]
+        self._spans = [spans for _, spans in indexed]
+        self._first = np.cumsum([0] + [len(spans) for spans in self._spans])
         self.image_folder = image_folder
         self.allow_outside_image_folder = allow_outside_image_folder
         self.report = BadRecordReport()
-        self._records = []
-        for i in subset_indices(len(raw), fraction, seed):
-            record_id = str(raw[i].get("id", f"#{i}")) if isinstance(raw[i], dict) else f"#{i}"
-            self.report.num_seen += 1
-            try:
-                record = normalize_record(raw[i], int(i))
-                check_record(record)
-            except RecordError as e:
-                self.report.add_bad(record_id, str(e))
-                continue
-            self._records.append(record)
-        if self.report.num_bad:
-            log.warning("skipping %s", self.report.summary())
-        self.report.check(max_bad_fraction, what=", ".join(paths))
-        if not self._records:
-            raise BadDataError(f"{', '.join(paths)}: no usable records")
+        self._indices = subset_indices(int(self._first[-1]), fraction, seed)
+        if not len(self._indices):
+            raise BadDataError(f"{', '.join(paths)}: no records")
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._indices)
+
+    def _raw(self, i: int):
+        """Record ``i`` of the concatenated files, parsed."""
+        f = int(np.searchsorted(self._first, i, side="right")) - 1
+        start, end = (int(x) for x in self._spans[f][i - self._first[f]])
+        with open(self._files[f], "rb") as fh:
+            fh.seek(start)
+            return json.loads(fh.read(end - start))
 
     def __getitem__(self, index: int) -> dict:
-        record = self._records[index]
+        i = int(self._indices[index])
+        raw = self._raw(i)
+        record_id = str(raw.get("id", f"#{i}")) if isinstance(raw, dict) else f"#{i}"
+        try:
+            record = normalize_record(raw, i)
+            check_record(record)
+        except RecordError as e:
+            raise RecordError(str(e), record_id) from e
         if not isinstance(record["image"], str):
             return record
         try:
@@ -210,10 +295,6 @@ class JsonSource:
         except ImageDecodeError as e:
             raise RecordError(str(e), record["id"]) from e
         return {**record, "image": path}
-
-    @property
-    def ids(self) -> list[str]:
-        return [r["id"] for r in self._records]
 
 
 # The VQA files use the same layout (id, image, answer_type, conversations).

@@ -532,7 +532,8 @@ def startup_summary(run: Run, *, workdir: str, records: int, total: int, start: 
     lines = [
         f"model       {count(params) / 1e6:,.1f}M parameters, {trainable / 1e6:,.1f}M trainable"
         f" ({run.model.param_dtype} master weights, {run.model.dtype} compute)",
-        f"data        {records:,} records ({bad} bad at start-up), "
+        f"data        {records:,} records ({bad} dropped at start-up; bad ones are counted "
+        "as they are read), "
         f"global batch {_batch_description(run.config)}",
         f"steps       {total:,} total; "
         + (f"resumed from step {start}" if start else

@@ -13,18 +13,21 @@ Data-efficiency runs: ``--config.data.fraction=0.1``.
 Loss: cross-entropy + 1.0 x alignment (black-box lambda 80, the quadratic matcher); the
 response and caption branches run through the LLM. bf16 compute, fp32 master weights and
 Adam moments, full remat of each decoder layer. The alignment settings are the defaults,
-which reproduce the original (docs/fidelity.md): one graph per 16 contiguous samples, 4
-graphs per batch of 64 as the original's one graph per GPU, on any mesh. Fits a v5e-64
-slice (16 GiB per chip) as shipped: fsdp=64, one example per chip, 5.3 GiB peak per chip
-in the AOT compile (docs/aot_compile.md). The batch must split over data x fsdp, so on
-more than 64 chips keep 64 batch shards, e.g. v5e-256 with ``--config.mesh.tensor=4``.
+which reproduce the original (docs/fidelity.md): one graph per 16 contiguous samples, as
+the original's one graph per GPU, on any mesh. Batches are packed: 32 rows of 2048 tokens,
+up to 4 conversations each (~87 a step), one alignment node per conversation, padding
+nodes masked out. On a v5e-64 slice (16 GiB per chip): tensor=2, fsdp=32, one row per
+batch shard (peak per chip: docs/aot_compile.md). The rows must split over data x fsdp:
+on more chips raise mesh.tensor (v5e-256: ``--config.mesh.tensor=8``). One example per
+row: ``--config.data.packing=False --config.train.global_batch_size=64
+--config.mesh.tensor=1``.
 Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU sizes
 (``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
 import os
 
-from exgra_jax.train.defaults import base_config
+from exgra_jax.train.defaults import base_config, use_packing
 from exgra_jax.train.miniature import shrink, split_arg
 
 
@@ -46,9 +49,8 @@ def get_config(arg: str | None = None):
     c.alignment.solver = "ipfp"
     c.alignment.graph_scope = "fixed"
     c.alignment.graph_size = 16
-    # One example per batch shard leaves nothing to pack the text branches with: the
-    # response and caption together rarely fit one row, and a batch that does not fit
-    # runs padded after all. Run them padded.
+    # The text branches run padded: with at most 4 examples per batch shard there is
+    # little to pack them with, and a batch that does not fit runs padded after all.
     c.alignment.text_pack_fraction = 0.0
 
     c.train.trainable = (r"^model/projector/", r"^model/llm/", r"^alignment/")
@@ -60,4 +62,9 @@ def get_config(arg: str | None = None):
     c.train.checkpoint_every = 500
 
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    # Instruction conversations are ~650 tokens: 32 packed rows of 2048 hold ~87 examples
+    # a step (2.7 per row, real-token share 0.90; tools/benchmarks/packing.py), one
+    # alignment node each, in graphs of 16.
+    use_packing(c, rows=32, images_per_row=4, examples_per_row=4, mean_examples_per_row=2.7,
+                tensor=2)
     return shrink(c) if mini else c

@@ -27,13 +27,22 @@ TRAIN_CONFIGS = ("stage1_7b", "stage2_7b", "finetune_vqa_rad_7b", "finetune_slak
                  "finetune_pathvqa_7b")
 ALL_CONFIGS = (*TRAIN_CONFIGS, "zero_shot")
 
-# name -> (lr, global batch, epochs, alignment on)
+# name -> (lr, global batch in packed rows, epochs, alignment on)
 DOCUMENTED = {
-    "stage1_7b": (2e-3, 128, 1.0, False),
-    "stage2_7b": (2e-5, 64, 3.0, True),
-    "finetune_vqa_rad_7b": (2e-5, 64, 15.0, False),
-    "finetune_slake_7b": (4e-5, 128, 15.0, False),
-    "finetune_pathvqa_7b": (3e-5, 64, 15.0, False),
+    "stage1_7b": (2e-3, 32, 1.0, False),
+    "stage2_7b": (2e-5, 32, 3.0, True),
+    "finetune_vqa_rad_7b": (2e-5, 16, 15.0, False),
+    "finetune_slake_7b": (4e-5, 32, 15.0, False),
+    "finetune_pathvqa_7b": (3e-5, 16, 15.0, False),
+}
+# name -> (images per row, examples per row, the padded recipe's batch, tensor ways): the
+# packed batch holds between 1x and 1.5x the padded recipe's examples per step.
+PACKED = {
+    "stage1_7b": (5, 5, 128, 2),
+    "stage2_7b": (4, 4, 64, 2),
+    "finetune_vqa_rad_7b": (6, 6, 64, 4),
+    "finetune_slake_7b": (6, 6, 128, 4),
+    "finetune_pathvqa_7b": (6, 6, 64, 4),
 }
 TFDS_NAMES = {"finetune_vqa_rad_7b": "vqa_rad", "finetune_slake_7b": "slake",
               "finetune_pathvqa_7b": "path_vqa"}
@@ -93,7 +102,8 @@ def test_config_loads_builds_model_and_documents_its_command(name):
     acfg = trainer.alignment_config(c)
     assert acfg is None or isinstance(acfg, AlignmentConfig)
     assert c.data.max_len == 2048 and c.data.fraction == 1.0
-    assert c.mesh.fsdp == -1 and c.mesh.data == 1 and c.mesh.tensor == 1
+    assert c.mesh.fsdp == -1 and c.mesh.data == 1
+    assert c.mesh.tensor == (PACKED[name][3] if name in PACKED else 1)
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
@@ -102,6 +112,12 @@ def test_documented_training_values(name):
     lr, batch, epochs, align = DOCUMENTED[name]
     t = c.train
     assert (t.lr, t.global_batch_size, t.num_epochs) == (lr, batch, epochs)
+    images, examples, padded_batch, _ = PACKED[name]
+    d = c.data
+    assert d.packing and (d.images_per_row, d.examples_per_row) == (images, examples)
+    assert padded_batch <= trainer.examples_per_step(c) <= 1.5 * padded_batch
+    # Steps come from the epochs over the examples a packed step holds.
+    assert trainer.total_steps(c, 10_000) == int(epochs * 10_000 // trainer.examples_per_step(c))
     assert (trainer.alignment_config(c) is not None) == align
     # AdamW, no weight decay, 3% warmup then cosine to zero; CLIP frozen.
     assert t.weight_decay == 0.0 and t.schedule == "warmup_cosine" and t.warmup_frac == 0.03
@@ -130,7 +146,7 @@ def test_stage2_specifics():
     a = trainer.alignment_config(c)
     assert c.alignment.weight == 1.0 and a.blackbox_lambda == 80.0
     assert c.alignment.text_branch == "llm"
-    assert c.alignment.text_pack_fraction == 0.0  # one example per shard: nothing to pack
+    assert c.alignment.text_pack_fraction == 0.0  # <= 4 examples per shard: little to pack
     assert c.init.source in ("llava_hf", "llava_med")
 
 
@@ -184,21 +200,30 @@ def test_mesh_product_against_device_count_says_what_to_change():
         trainer.build(c, 10)
 
 
-def test_stage2_validates_on_64_chips_and_256_with_tensor_4():
+def test_stage2_validates_on_64_chips_with_tensor_2_and_256_with_tensor_8():
     c = without_files(load("stage2_7b"))
     m, a = trainer.model_config(c), trainer.alignment_config(c)
-    trainer.validate(c, m, a, mesh_of(fsdp=64))
-    trainer.validate(c, m, a, mesh_of(fsdp=64, tensor=4))
-    with pytest.raises(ValueError, match=r"global_batch_size=64 must be divisible by the batch "
-                                         r"shards \(mesh data x fsdp = 256\)"):
-        trainer.validate(c, m, a, mesh_of(fsdp=256))
+    trainer.validate(c, m, a, mesh_of(fsdp=32, tensor=2))
+    trainer.validate(c, m, a, mesh_of(fsdp=32, tensor=8))
+    with pytest.raises(ValueError, match=r"global_batch_size=32 must be divisible by the batch "
+                                         r"shards \(mesh data x fsdp = 64\)"):
+        trainer.validate(c, m, a, mesh_of(fsdp=64))
+
+
+def test_packing_without_a_measured_mean_needs_total_steps():
+    c = load("stage2_7b")
+    c.data.mean_examples_per_row = 0.0
+    with pytest.raises(ValueError, match=r"data\.mean_examples_per_row .* or train\.total_steps"):
+        trainer.total_steps(c, 1000)
+    c.train.total_steps = 7
+    assert trainer.total_steps(c, 1000) == 7
 
 
 def test_batch_not_divisible_by_shards_times_micro_batches():
     c = without_files(load("finetune_slake_7b"))
     c.train.micro_batches = 3
     m = trainer.model_config(c)
-    with pytest.raises(ValueError, match=r"train\.global_batch_size=128.*batch shards \(mesh "
+    with pytest.raises(ValueError, match=r"train\.global_batch_size=32.*batch shards \(mesh "
                                          r"data x fsdp = 8\).*train\.micro_batches=3"):
         trainer.validate(c, m, None, mesh_of(fsdp=8))
 
@@ -215,8 +240,9 @@ def test_alignment_graph_too_small_for_knn():
     c = without_files(load("stage2_7b"))
     c.alignment.graph_scope = "device"
     m, a = trainer.model_config(c), trainer.alignment_config(c)
-    with pytest.raises(ValueError, match=r"graphs get 1 samples.*graph_scope='global'"):
-        trainer.validate(c, m, a, mesh_of(fsdp=64))
+    # One packed row of 4 example slots per batch shard: too few for k=5 neighbours.
+    with pytest.raises(ValueError, match=r"graphs get 4 samples.*graph_scope='global'"):
+        trainer.validate(c, m, a, mesh_of(fsdp=32, tensor=2))
 
 
 def test_placeholder_data_paths_are_reported(tmp_path):

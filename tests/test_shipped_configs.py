@@ -372,7 +372,8 @@ SIZE_FIELDS = {
     "data.max_len", "data.response_len", "data.caption_len", "train.global_batch_size",
     "train.micro_batches", "train.total_steps", "train.checkpoint_every", "train.log_every",
     "train.eval_every", "train.eval_batches", "train.warmup_frac", "eval.batch_size",
-    "eval.max_new_tokens", "alignment.graph_size",
+    "eval.max_new_tokens", "alignment.graph_size", "data.images_per_row",
+    "data.examples_per_row", "mesh.tensor",
 }
 
 

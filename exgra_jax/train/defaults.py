@@ -112,6 +112,21 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
 SELECT_METRIC = "mean(open_recall,closed_accuracy)"
 
 
+def use_packing(c, *, rows: int, images_per_row: int, examples_per_row: int,
+                mean_examples_per_row: float, tensor: int) -> None:
+    """Pack several examples per row (data/packing.py), in place. ``rows`` is the new
+    train.global_batch_size; chosen with the per-row limits and the mean (measured by
+    tools/benchmarks/packing.py on the recipe's data mix) so that a step sees about as
+    many examples as the padded recipe. ``tensor``: the tensor-parallel ways that keep
+    rows divisible by the batch shards on a v5e-64 (64 / tensor shards)."""
+    c.data.packing = True
+    c.data.images_per_row = images_per_row
+    c.data.examples_per_row = examples_per_row
+    c.data.mean_examples_per_row = mean_examples_per_row
+    c.train.global_batch_size = rows
+    c.mesh.tensor = tensor
+
+
 def finetune_vqa_config(tfds_name: str, arg: str | None, *, lr: float, batch: int,
                         eval_split: str, eval_every: int) -> ml_collections.ConfigDict:
     """The 7B medical-VQA fine-tuning recipe shared by VQA-RAD, SLAKE and PathVQA: 15 epochs
@@ -153,4 +168,8 @@ def finetune_vqa_config(tfds_name: str, arg: str | None, *, lr: float, batch: in
     c.eval.batch_size = 64
 
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    # VQA examples are ~330 tokens: 6 per 2048-token row (share 0.96, measured by
+    # tools/benchmarks/packing.py); 16 rows hold ~96 examples a step.
+    use_packing(c, rows=max(1, batch // 4), images_per_row=6, examples_per_row=6,
+                mean_examples_per_row=6.0, tensor=4)
     return shrink(c) if mini else c

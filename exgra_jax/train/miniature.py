@@ -23,6 +23,9 @@ MINI_TEXT = dict(hidden_size=64, mlp_size=128, num_layers=2, num_heads=4, head_d
 MINI_LENGTHS = dict(max_len=96, response_len=24, caption_len=32)
 MINI_BATCH = 8
 MINI_STEPS = 4
+# Packed miniatures: rows that hold about three miniature examples (~70 tokens each).
+MINI_PACKED = dict(max_len=224, rows=4, images_per_row=3, examples_per_row=3)
+MINI_TENSOR = 2  # tensor-parallel ways at most: the miniature widths split in two
 
 
 def split_arg(arg: str | None) -> tuple[str | None, bool]:
@@ -65,4 +68,12 @@ def shrink(c):
     c.eval.max_new_tokens = 4
     if "graph_size" in c.alignment:
         c.alignment.graph_size = min(c.alignment.graph_size, MINI_BATCH)
+    c.mesh.tensor = min(c.mesh.tensor, MINI_TENSOR)
+    if c.data.get("packing", False):
+        p = MINI_PACKED
+        c.data.max_len = p["max_len"]
+        c.data.images_per_row = min(c.data.images_per_row, p["images_per_row"])
+        c.data.examples_per_row = min(c.data.examples_per_row, p["examples_per_row"])
+        t.global_batch_size = p["rows"]
+        t.micro_batches = min(t.micro_batches, p["rows"] // 2)
     return c

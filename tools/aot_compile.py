@@ -96,26 +96,35 @@ def aot_config(config) -> ml_collections.ConfigDict:
 
 
 def batch_shapes(config, mcfg) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Global shape and dtype of every batch array (the pipeline's host-batch contract)."""
-    from exgra_jax.data.pipeline import BATCH_KEYS  # noqa: PLC0415
+    """Global shape and dtype of every batch array (the pipeline's host-batch contract:
+    one example per row, or packed rows with K example slots and I images per row)."""
+    from exgra_jax.data.pipeline import BATCH_KEYS, PACKED_BATCH_KEYS  # noqa: PLC0415
 
     b, d = config.train.global_batch_size, config.data
     s = mcfg.image_size
+    packed = bool(d.get("packing", False))
+    per_row = (d.examples_per_row,) if packed else ()  # example slots
+    images = (d.images_per_row,) if packed else ()
     shapes = {
         "input_ids": ((b, d.max_len), jnp.int32),
         "attention_mask": ((b, d.max_len), jnp.int32),
         "labels": ((b, d.max_len), jnp.int32),
-        "pixel_values": ((b, s, s, 3), jnp.float32),
-        "has_image": ((b,), jnp.int32),
-        "response_ids": ((b, d.response_len), jnp.int32),
-        "response_mask": ((b, d.response_len), jnp.int32),
-        "caption_ids": ((b, d.caption_len), jnp.int32),
-        "caption_mask": ((b, d.caption_len), jnp.int32),
-        "example_mask": ((b,), jnp.int32),
+        "pixel_values": ((b, *images, s, s, 3), jnp.float32),
+        "has_image": ((b, *per_row), jnp.int32),
+        "response_ids": ((b, *per_row, d.response_len), jnp.int32),
+        "response_mask": ((b, *per_row, d.response_len), jnp.int32),
+        "caption_ids": ((b, *per_row, d.caption_len), jnp.int32),
+        "caption_mask": ((b, *per_row, d.caption_len), jnp.int32),
+        "example_mask": ((b, *per_row), jnp.int32),
     }
-    if set(shapes) != set(BATCH_KEYS):
+    if packed:
+        shapes.update(segment_ids=((b, d.max_len), jnp.int32),
+                      positions=((b, d.max_len), jnp.int32),
+                      image_segment_ids=((b, *images), jnp.int32))
+    keys = PACKED_BATCH_KEYS if packed else BATCH_KEYS
+    if set(shapes) != set(keys):
         raise RuntimeError(f"batch keys {sorted(shapes)} differ from the pipeline's "
-                           f"{sorted(BATCH_KEYS)}; update tools/aot_compile.py")
+                           f"{sorted(keys)}; update tools/aot_compile.py")
     return shapes
 
 
@@ -164,8 +173,7 @@ def compile_train_step(config, devices, hbm_bytes: float, total_steps: int = 100
     state, batch = abstract_inputs(run, config)
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-    analytic = trainer.flops_per_step(run.model, config.train.global_batch_size,
-                                      config.data.max_len, trainer.text_branch_tokens(config, run))
+    analytic = trainer.step_flops(config, run)
     scanned_flops = _flops(compiled) * n
     if flops_pass:
         log("  counting FLOPs: decoder unrolled at 1 and 2 layers ...")
@@ -198,6 +206,9 @@ def compile_train_step(config, devices, hbm_bytes: float, total_steps: int = 100
         "scanned_program_flops": scanned_flops,
         "analytic_flops": float(analytic),
         "flops_ratio": shown / analytic if analytic else float("nan"),
+        # Packed rows hold a varying number of examples: the config's measured mean.
+        "examples_per_step": trainer.examples_per_step(config),
+        "tflops_per_example": shown / trainer.examples_per_step(config) / 1e12,
         "compile_s": round(t1 - t0, 1),
         "flops_pass_s": round(t2 - t1, 1),
     }
@@ -276,7 +287,7 @@ def _gib(x: float) -> str:
 def format_table(results: dict[str, dict]) -> str:
     cols = ("topology", "mesh d/f/t", "batch/dev x micro", "remat", "args GiB", "temp GiB",
             "out GiB", "alias GiB", "peak GiB", "HBM GiB", "fits", "compiled PFLOP",
-            "counted", "analytic PFLOP", "ratio", "compile s")
+            "counted", "analytic PFLOP", "ratio", "examples", "TFLOP/example", "compile s")
     rows = []
     for name, r in results.items():
         if "error" in r:
@@ -289,7 +300,8 @@ def format_table(results: dict[str, dict]) -> str:
             _gib(r["argument_bytes"]), _gib(r["temp_bytes"]), _gib(r["output_bytes"]),
             _gib(r["alias_bytes"]), _gib(r["peak_bytes"]), _gib(r["hbm_bytes"]),
             "yes" if r["fits"] else "NO", f"{r['compiled_flops'] / 1e15:.3f}",
-            r["flops_source"], f"{r['analytic_flops'] / 1e15:.3f}", f"{r['flops_ratio']:.3f}", f"{r['compile_s']}",
+            r["flops_source"], f"{r['analytic_flops'] / 1e15:.3f}", f"{r['flops_ratio']:.3f}",
+            f"{r['examples_per_step']:.0f}", f"{r['tflops_per_example']:.1f}", f"{r['compile_s']}",
         ))
     widths = [max(len(str(row[i])) for row in [cols, *rows] if len(row) > i)
               for i in range(len(cols))]

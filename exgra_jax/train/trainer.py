@@ -315,23 +315,38 @@ def text_branch_tokens(config, run) -> float:
     if run.alignment is None or sc.text_branch != "llm":
         return 0.0
     lengths = (config.data.response_len, config.data.caption_len)
-    b = config.train.global_batch_size // config.train.micro_batches
+    b = config.train.global_batch_size // config.train.micro_batches * _per_row(config)[1]
     groups, rows, row_len = pack_layout(sc, b, lengths)
     return groups * rows * row_len / b if rows else float(sum(lengths))
 
 
-def flops_per_step(mcfg: ModelConfig, batch: int, seq: int, text_branch_tokens: float) -> float:
+def _per_row(config) -> tuple[int, int]:
+    """(images, example slots) per batch row: (1, 1) unless packed."""
+    d = config.data
+    return (d.images_per_row, d.examples_per_row) if d.get("packing", False) else (1, 1)
+
+
+def step_flops(config, run) -> float:
+    """Analytic FLOPs of one training step of ``run`` (every token slot, padding included)."""
+    images, slots = _per_row(config)
+    return flops_per_step(run.model, config.train.global_batch_size, config.data.max_len,
+                          text_branch_tokens(config, run), slots, images)
+
+
+def flops_per_step(mcfg: ModelConfig, batch: int, seq: int, text_branch_tokens: float,
+                   slots: int = 1, images: int = 1) -> float:
     """Analytic training FLOPs: 6 N per LLM token (forward + backward) plus causal attention,
-    and 2 N per patch for the frozen vision tower (forward only)."""
+    and 2 N per patch for the frozen vision tower (forward only). ``batch`` rows of ``seq``
+    tokens, each with ``slots`` examples' text branches and ``images`` images."""
     d, layers = mcfg.hidden_size, mcfg.num_layers
     hd = mcfg.resolved_head_dim
     attn_proj = d * hd * (mcfg.num_heads * 2 + mcfg.num_kv_heads * 2)
     llm = layers * (attn_proj + 3 * d * mcfg.mlp_size) + 2 * mcfg.vocab_size * d
-    tokens = batch * (seq + text_branch_tokens)
+    tokens = batch * (seq + slots * text_branch_tokens)
     attn = 6 * layers * 2 * mcfg.num_heads * hd * (seq * seq / 2) * batch
     w = mcfg.vision_width
     vit = mcfg.vision_layers_to_run * (4 * w * w + 2 * w * mcfg.vision_mlp)
-    patches = batch * (mcfg.num_patches + 1)
+    patches = batch * images * (mcfg.num_patches + 1)
     return 6.0 * llm * tokens + attn + 2.0 * vit * patches
 
 
@@ -608,8 +623,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     interrupt = _Interruption()
     t = config.train
     n_dev = jax.device_count()
-    flops = flops_per_step(run.model, t.global_batch_size, config.data.max_len,
-                           text_branch_tokens(config, run))
+    flops = step_flops(config, run)
     last: dict[str, Any] = {}
     step = start
 

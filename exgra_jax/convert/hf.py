@@ -69,11 +69,10 @@ def unflatten(flat: dict[str, Any]) -> dict:
 
 
 def abstract_params(config: mc.ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """Parameter shapes without allocating anything."""
-    from exgra_jax.models.llava import init_params  # noqa: PLC0415
+    """Parameter shapes by '/'-joined path, without allocating anything."""
+    from exgra_jax.models import llava  # noqa: PLC0415
 
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    return flatten(shapes)
+    return flatten(llava.abstract_params(config))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -120,3 +120,8 @@ def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 
     pix = jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32)
     variables = LlavaModel(config).init(rng, ids, pix, jnp.ones_like(ids))
     return nn.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """The parameter tree's shapes and dtypes (ShapeDtypeStructs), nothing allocated."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -13,6 +13,8 @@ what is tested.
 
 from __future__ import annotations
 
+import math
+
 MINI_ARG = "mini"
 
 # Vision: 28 px / 14 px patches -> 4 image tokens; 3 layers so that layer -2 exists.
@@ -24,7 +26,8 @@ MINI_LENGTHS = dict(max_len=96, response_len=24, caption_len=32)
 MINI_BATCH = 8
 MINI_STEPS = 4
 # Packed miniatures: rows that hold about three miniature examples (~70 tokens each).
-MINI_PACKED = dict(max_len=224, rows=4, images_per_row=3, examples_per_row=3)
+# One row per batch shard of the 8-device test mesh (8 / tensor rows).
+MINI_PACKED = dict(max_len=224, images_per_row=3, examples_per_row=3)
 MINI_TENSOR = 2  # tensor-parallel ways at most: the miniature widths split in two
 
 
@@ -68,12 +71,13 @@ def shrink(c):
     c.eval.max_new_tokens = 4
     if "graph_size" in c.alignment:
         c.alignment.graph_size = min(c.alignment.graph_size, MINI_BATCH)
-    c.mesh.tensor = min(c.mesh.tensor, MINI_TENSOR)
+    # The miniature's key/value heads (1 for a GQA model) must split over tensor too.
+    c.mesh.tensor = math.gcd(min(c.mesh.tensor, MINI_TENSOR), sizes["num_kv_heads"])
     if c.data.get("packing", False):
         p = MINI_PACKED
         c.data.max_len = p["max_len"]
         c.data.images_per_row = min(c.data.images_per_row, p["images_per_row"])
         c.data.examples_per_row = min(c.data.examples_per_row, p["examples_per_row"])
-        t.global_batch_size = p["rows"]
-        t.micro_batches = min(t.micro_batches, p["rows"] // 2)
+        t.global_batch_size = MINI_BATCH // c.mesh.tensor
+        t.micro_batches = min(t.micro_batches, t.global_batch_size // 2)
     return c

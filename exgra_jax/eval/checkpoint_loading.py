@@ -23,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -32,6 +34,7 @@ from exgra_jax import parallel, paths
 from exgra_jax.checkpoint import Checkpointer, check_meta, param_shapes
 from exgra_jax.inference.generate import param_shardings, shard_params
 from exgra_jax.models.config import ModelConfig
+from exgra_jax.models.layers import dtype_of
 from exgra_jax.workdir import BEST, BEST_DIR, CHECKPOINTS, CONFIG_JSON
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -105,8 +108,13 @@ def _step_to_load(steps: list[int], directory: str, step: int | str | None) -> i
 
 def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh | None, rules,
                          step: int | str | None = None) -> tuple[Any, int]:
-    """``params['model']`` of a training checkpoint (``step``: a number, None for the
-    newest, or 'best'), sharded on ``mesh`` (None: host numpy arrays); and its step."""
+    """The model params of a training checkpoint (``step``: a number, None for the newest,
+    or 'best') and its step, sharded on ``mesh`` (None: host numpy arrays). Every reader
+    of a workdir comes here (evaluation, chat, serving, ``to-hf``, ``init.source=workdir``).
+
+    A full checkpoint gives its ``params['model']``. A LoRA checkpoint holds only the
+    adapters: the base is reloaded from where the LoRA run took it, then the adapters are
+    folded in (``_merged_lora``)."""
     directory = paths.absolute(checkpoint_directory(workdir, step))
     if not paths.is_dir(directory):
         if step == BEST:
@@ -117,22 +125,133 @@ def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh | None, rul
     try:
         step = _step_to_load(ckpt.all_steps(), directory, step)
         abstract = _abstract_params(mcfg)
-        if mesh is not None:
-            abstract = jax.tree.map(
-                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                abstract, param_shardings(mcfg, mesh, rules))
         expected = {"model": mcfg.to_dict(), "param_shapes": param_shapes({"model": abstract})}
-        check_meta(ckpt.read_meta(step), expected, f"{directory}/{step}", scope="['model']")
-        params = ckpt.restore_params(step, {"model": abstract})["model"]
+        meta = ckpt.read_meta(step)
+        check_meta(meta, expected, f"{directory}/{step}", scope="['model']")
+        if "lora" in _saved_params(ckpt, step):
+            params = _merged_lora(workdir, ckpt, step, meta, mcfg, mesh, rules)
+        else:
+            shardings = None if mesh is None else param_shardings(mcfg, mesh, rules)
+            params = ckpt.restore_params(step, {"model": _placed(abstract, shardings)})["model"]
     finally:
         ckpt.close()
     return params, step
 
 
-def _abstract_params(mcfg: ModelConfig):
-    from exgra_jax.models.llava import init_params  # noqa: PLC0415
+def _saved_params(ckpt: Checkpointer, step: int) -> dict:
+    """The tree of array metadata under ``state['params']`` of a checkpoint step."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415
 
-    return jax.eval_shape(lambda: init_params(mcfg, jax.random.key(0)))
+    meta = ocp.PyTreeCheckpointer().metadata(ckpt.manager.directory / str(step) / "state")
+    return dict(meta.item_metadata.tree["params"])
+
+
+def _placed(abstract, shardings):
+    """ShapeDtypeStructs carrying ``shardings`` (None: left unplaced, restored to host)."""
+    if shardings is None:
+        return abstract
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract, shardings)
+
+
+def _merged_lora(workdir: str, ckpt: Checkpointer, step: int, meta: dict, mcfg: ModelConfig,
+                 mesh: Mesh | None, rules) -> Any:
+    """Base + adapters of a LoRA checkpoint, merged as the run computed its forward: the base
+    held in ``lora.base_dtype``, W + scale A B summed in float32, returned in param_dtype.
+
+    The LoRA settings and the seed come from the run's WORKDIR/config.json, the base's source
+    from the checkpoint's meta (``lora_base``: the run's ``init`` section when it saved)."""
+    from exgra_jax.models import lora  # noqa: PLC0415
+
+    where = f"{ckpt.directory}/{step}"
+    run = read_workdir_config(workdir)
+    lcfg = lora.LoraConfig.from_config(run)
+    if lcfg is None or "lora_base" not in meta:
+        raise ValueError(f"{where} holds LoRA adapters but {workdir}/{CONFIG_JSON} has no "
+                         "enabled lora section or the checkpoint no lora_base: the workdir is "
+                         "not as the LoRA trainer wrote it")
+    boxed = lora.init_adapters(jax.random.key(0), {"model": _abstract_params(mcfg, boxed=True)},
+                               lcfg)
+    adapters = nn.unbox(boxed)
+    saved = {k: v for k, v in meta.get("param_shapes", {}).items() if k.startswith("['lora']")}
+    if saved != param_shapes({"lora": adapters}):
+        raise ValueError(f"{where}: the adapter shapes differ from those of the lora section "
+                         f"of {workdir}/{CONFIG_JSON} (rank {lcfg.rank}, targets "
+                         f"{list(lcfg.targets)})")
+    if mesh is not None:
+        adapters = _placed(adapters, parallel.logical_sharding(boxed, mesh, rules))
+    restored = ckpt.restore_params(step, {"lora": adapters})
+    run.init = ml_collections.ConfigDict(meta["lora_base"])
+    base = init_source_model_params(run, mcfg, mesh, rules)
+    params = {**lora.hold_base({"model": base}, lcfg), **restored}
+
+    def merge(p):
+        return lora.with_adapters(p, lcfg, dtype_of(mcfg.param_dtype))["model"]
+
+    if mesh is None:  # in the host's memory, as the rest of a host restore
+        with jax.default_device(jax.devices("cpu")[0]):
+            return jax.tree.map(np.asarray, jax.jit(merge)(params))
+    return jax.jit(merge, out_shardings=param_shardings(mcfg, mesh, rules))(params)
+
+
+def init_source_model_params(config, mcfg: ModelConfig, mesh: Mesh | None, rules) -> Any:
+    """The model params ``config.init`` names (random from ``train.seed``, a Hugging Face
+    checkpoint, or another workdir's newest step), in param_dtype, sharded on ``mesh``
+    (None: host numpy arrays)."""
+    src = config.init.source
+    shardings = None if mesh is None else param_shardings(mcfg, mesh, rules)
+    if src == "workdir":
+        return restore_model_params(config.init.workdir, mcfg, mesh, rules)[0]
+    if src == "random":
+        from exgra_jax.models.llava import init_params  # noqa: PLC0415
+
+        params = jax.jit(lambda r: init_params(mcfg, r), out_shardings=shardings)(
+            jax.random.key(config.train.seed))
+        return jax.tree.map(np.asarray, params) if mesh is None else params
+    loaded = hf_model_params(config, mcfg)
+    if param_shapes(loaded) != param_shapes(_abstract_params(mcfg)):
+        raise ValueError(f"weights from init.source={src} do not fit the model config {mcfg}")
+    dt = dtype_of(mcfg.param_dtype)
+    if mesh is None:
+        return jax.tree.map(lambda x: np.asarray(x, dt), loaded)
+    return jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x, dt), sh), loaded, shardings)
+
+
+def hf_model_params(config, mcfg: ModelConfig) -> dict:
+    """The model's weights from a Hugging Face source (``config.init``), as numpy arrays in
+    ``param_dtype`` (fp32 master weights; the compute dtype only shapes activations)."""
+    from exgra_jax.convert import hf  # noqa: PLC0415
+
+    src, arrays = config.init.source, mcfg.param_dtype
+    over = dict(scan_layers=mcfg.scan_layers, remat_policy=mcfg.remat_policy,
+                param_dtype=mcfg.param_dtype)
+    if src == "llava_hf":
+        _, loaded = hf.load_llava(config.init.hf_dir, arrays, **over)
+    elif src == "llava_med":
+        _, loaded = hf.load_llava_med(
+            config.init.hf_dir, arrays, clip_dir=config.init.clip_dir or None,
+            image_token_id=mcfg.image_token_id, dense_connector=mcfg.dense_connector,
+            vision_heads=mcfg.vision_heads, **over)  # releases do not record the head count
+    elif src == "clip_llama":
+        _, loaded = hf.load_clip_llama(config.init.clip_dir, config.init.llama_dir, arrays,
+                                       vocab_size=mcfg.vocab_size,
+                                       image_token_id=mcfg.image_token_id,
+                                       pad_token_id=mcfg.pad_token_id, **over)
+    else:
+        raise ValueError("init.source must be random|llava_hf|llava_med|clip_llama|workdir, "
+                         f"got {src!r}")
+    return loaded
+
+
+def _abstract_params(mcfg: ModelConfig, boxed: bool = False):
+    """The model's parameter ShapeDtypeStructs (``boxed``: with their logical axis names)."""
+    from exgra_jax.models.llava import LlavaModel  # noqa: PLC0415
+
+    ids = jnp.zeros((1, 8), jnp.int32)
+    pix = jnp.zeros((1, mcfg.image_size, mcfg.image_size, 3), jnp.float32)
+    params = jax.eval_shape(lambda: LlavaModel(mcfg).init(jax.random.key(0), ids, pix,
+                                                           jnp.ones_like(ids)))["params"]
+    return params if boxed else nn.unbox(params)
 
 
 def _load_tokenizer(path: str, mcfg: ModelConfig):

@@ -71,6 +71,9 @@ def test_dense_is_peft_lora_linear_with_the_same_mask():
             super().__init__()
             self.lin = torch.nn.Linear(D_IN, D_OUT, bias=False)
 
+        def forward(self, t):
+            return self.lin(t)
+
     model = peft.get_peft_model(One(), peft.LoraConfig(
         r=RANK, lora_alpha=ALPHA, lora_dropout=RATE, target_modules=["lin"]))
     lin = model.base_model.model.lin
@@ -171,15 +174,15 @@ def test_the_train_loss_draws_dropout_and_reaches_the_adapters():
     off = dataclasses.replace(sc, lora=dataclasses.replace(sc.lora, dropout=0.0))
 
     @jax.jit
-    def loss(p, key):
-        return (forward_loss(p, batch, key, sc, total)[0],
-                forward_loss(p, batch, key, sc, total, deterministic=True)[0],
-                forward_loss(p, batch, key, off, total)[0])
+    def losses(p, key):  # deterministic: no dropout anywhere, no Gumbel noise
+        return [forward_loss(p, batch, key, s, total, deterministic=d)[0]
+                for s, d in ((sc, False), (off, False), (sc, True), (off, True))]
 
-    dropped, deterministic, merged = loss(params, jax.random.key(0))
-    dropped2, _, _ = loss(params, jax.random.key(1))
-    np.testing.assert_allclose(deterministic, merged, rtol=1e-5)
-    assert abs(float(dropped) - float(merged)) > 1e-5
+    dropped, merged, det, det_merged = losses(params, jax.random.key(0))
+    dropped2 = losses(params, jax.random.key(1))[0]
+    np.testing.assert_allclose(det, det_merged, rtol=1e-5)
+    # The same key draws the same alignment noise: only the adapters' dropout differs.
+    assert abs(float(dropped) - float(merged)) > 1e-4
     assert float(dropped) != float(dropped2)
     g = jax.jit(jax.grad(lambda p: forward_loss(p, batch, jax.random.key(0), sc, total)[0]))(
         params)

@@ -185,8 +185,9 @@ def _merged_lora(workdir: str, ckpt: Checkpointer, step: int, meta: dict, mcfg: 
     base = init_source_model_params(run, mcfg, mesh, rules)
     params = {**lora.hold_base({"model": base}, lcfg), **restored}
 
-    def merge(p):
-        return lora.with_adapters(p, lcfg, dtype_of(mcfg.param_dtype))["model"]
+    def merge(p):  # every leaf in param_dtype, the held base's too
+        dt = dtype_of(mcfg.param_dtype)
+        return jax.tree.map(lambda x: x.astype(dt), lora.with_adapters(p, lcfg, dt)["model"])
 
     if mesh is None:  # in the host's memory, as the rest of a host restore
         with jax.default_device(jax.devices("cpu")[0]):

@@ -8,22 +8,24 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
+from eval_fixtures import shared_demo_data
 from peft import PeftModel
 from transformers import LlavaForConditionalGeneration
 
+from exgra_jax import paths
 from exgra_jax.checkpoint import Checkpointer
 from exgra_jax.convert import hf
 from exgra_jax.convert import peft as peft_export
 from exgra_jax.eval.checkpoint_loading import load_for_eval, read_workdir_config
-from exgra_jax.models.lora import ATTENTION_AND_PROJECTOR, LoraConfig, hold_base, with_adapters
+from exgra_jax.models.lora import ATTENTION_AND_PROJECTOR, LoraConfig, with_adapters
 from exgra_jax.train import trainer
 from exgra_jax.train.state import use_lora
 
@@ -32,50 +34,56 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK, ALPHA = 4, 8.0
 
 
+def moved(tree, by: float):
+    """Every leaf shifted by a different smooth pattern, as training would move it."""
+    return jax.tree.map(lambda x: x + by * jnp.sin(jnp.arange(x.size, dtype=x.dtype)
+                                                    .reshape(x.shape)), tree)
+
+
 @pytest.fixture(scope="module")
 def lora_workdir(tmp_path_factory):
-    """A LoRA run (random base held in bf16, adapters with dropout, the GNN trained) of 4
-    steps with checkpoints at 2 and 4."""
-    data = str(tmp_path_factory.mktemp("demo"))
-    subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", data, "--num-images",
-                    "40", "--image-size", "32", "--vocab-size", "300"], cwd=ROOT, check=True,
-                   capture_output=True)
+    """A LoRA workdir as the trainer writes it (its ``checkpointed`` state and ``run_meta``,
+    config.json): a random base held in bf16, adapters with dropout and the GNN trained,
+    checkpoints at steps 2 and 4 whose adapters (B != 0) and GNN differ."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from loop_config import get_config  # noqa: PLC0415
 
-    c = get_config(data)
+    c = get_config(shared_demo_data())
     c.train.total_steps = 4
-    c.train.log_every = 2
-    c.train.lr = 3e-2  # adapters that move visibly in 4 steps
     use_lora(c, ATTENTION_AND_PROJECTOR, rank=RANK, alpha=ALPHA, base_dtype="bfloat16",
              also_train=(r"^alignment/",), dropout=0.1)
     workdir = str(tmp_path_factory.mktemp("lora_run"))
-    trainer.train_and_evaluate(copy.deepcopy(c), workdir)
-    return c, workdir
+    run = trainer.build(c, 4)
+    state = trainer.init_train_state(run)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    for step in (2, 4):
+        for part in ("lora", "alignment"):
+            state["params"][part] = moved(state["params"][part], 0.01 * step)
+        ckpt.save(step, trainer.checkpointed(run, state), None, trainer.run_meta(run),
+                  force=True)
+    ckpt.close()
+    paths.write_text(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2))
+    return c, workdir, jax.tree.map(np.asarray, state["params"]["model"])
 
 
 def saved_params(workdir: str, step: int) -> dict:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    out = ckpt.manager.restore(step)["state"]["params"]
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     ckpt.close()
-    return jax.tree.map(np.asarray, out)
+    return jax.tree.map(np.asarray, out["state"]["params"])
 
 
 @pytest.fixture(scope="module")
 def reference(lora_workdir):
-    """step -> (the base as the run holds it, the step's adapters, the merge of both as the
-    run's forward computes it: ``with_adapters`` on the trainer's own initial base)."""
-    c, workdir = lora_workdir
-    run = trainer.build(c, 4, devices=jax.devices()[:1])
-    base = trainer.initial_params(c, run.model, run.init_fn,
-                                  trainer.abstract_initial_params(run))["model"]
+    """step -> (the base as the run held it, the step's adapters, their merge as the run's
+    forward computes it: ``with_adapters``, here with every leaf in float32)."""
+    c, workdir, held = lora_workdir
     lcfg = LoraConfig.from_config(c)
-    held = hold_base({"model": base}, lcfg)
     out = {}
     for step in (2, 4):
         lora = saved_params(workdir, step)["lora"]
-        merged = with_adapters({**held, "lora": lora}, lcfg, jnp.float32)["model"]
-        out[step] = (held["model"], lora, jax.tree.map(np.asarray, merged))
+        merged = with_adapters({"model": held, "lora": lora}, lcfg, jnp.float32)["model"]
+        out[step] = (held, lora, jax.tree.map(lambda x: np.asarray(x, np.float32), merged))
     return out
 
 
@@ -89,7 +97,7 @@ def assert_trees_close(got, want, atol):
 
 def test_the_checkpoint_holds_adapters_only_and_the_merge_is_base_plus_scaled_ab(
         lora_workdir, reference):
-    _, workdir = lora_workdir
+    _, workdir, _ = lora_workdir
     assert set(saved_params(workdir, 4)) == {"lora", "alignment"}
     base, lora, merged = reference[4]
     # One kernel by hand (NumPy): layer 0's q, [d, heads, head_dim], base rounded to bf16.
@@ -106,7 +114,7 @@ def test_the_checkpoint_holds_adapters_only_and_the_merge_is_base_plus_scaled_ab
 def test_eval_loads_the_merged_model_of_any_step(lora_workdir, reference, step):
     """launch/eval.py --step N (None: the newest) through load_for_eval, on the 8-device
     mesh of the run's config.json."""
-    _, workdir = lora_workdir
+    _, workdir, _ = lora_workdir
     model = load_for_eval(read_workdir_config(workdir), workdir=workdir, step=step)
     assert model.step == (step or 4)
     assert {x.dtype for x in jax.tree.leaves(model.params)} == {jnp.dtype(jnp.float32)}
@@ -115,7 +123,7 @@ def test_eval_loads_the_merged_model_of_any_step(lora_workdir, reference, step):
 
 def test_a_new_run_initialised_from_a_lora_workdir_starts_from_its_merged_model(
         lora_workdir, reference):
-    c, workdir = lora_workdir
+    c, workdir, _ = lora_workdir
     c2 = copy.deepcopy(c)
     c2.lora.enabled = False
     c2.train.trainable, c2.train.frozen = (r"^model/llm/", r"^alignment/"), ()
@@ -129,7 +137,7 @@ def test_a_new_run_initialised_from_a_lora_workdir_starts_from_its_merged_model(
 
 def test_to_hf_exports_what_peft_computes_from_the_base_and_the_adapters(
         lora_workdir, reference, tmp_path):
-    c, workdir = lora_workdir
+    c, workdir, _ = lora_workdir
     spec = importlib.util.spec_from_file_location(
         "convert_checkpoint", os.path.join(ROOT, "tools", "convert_checkpoint.py"))
     tool = importlib.util.module_from_spec(spec)

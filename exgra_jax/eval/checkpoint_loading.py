@@ -21,6 +21,7 @@ Local paths and gs:// URLs work alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -33,8 +34,10 @@ from jax.sharding import Mesh
 from exgra_jax import parallel, paths
 from exgra_jax.checkpoint import Checkpointer, check_meta, param_shapes
 from exgra_jax.inference.generate import param_shardings, shard_params
+from exgra_jax.models import lora
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.layers import dtype_of
+from exgra_jax.models.llava import LlavaModel, init_params
 from exgra_jax.workdir import BEST, BEST_DIR, CHECKPOINTS, CONFIG_JSON
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -161,8 +164,6 @@ def _merged_lora(workdir: str, ckpt: Checkpointer, step: int, meta: dict, mcfg: 
 
     The LoRA settings and the seed come from the run's WORKDIR/config.json, the base's source
     from the checkpoint's meta (``lora_base``: the run's ``init`` section when it saved)."""
-    from exgra_jax.models import lora  # noqa: PLC0415
-
     where = f"{ckpt.directory}/{step}"
     run = read_workdir_config(workdir)
     lcfg = lora.LoraConfig.from_config(run)
@@ -184,15 +185,22 @@ def _merged_lora(workdir: str, ckpt: Checkpointer, step: int, meta: dict, mcfg: 
     run.init = ml_collections.ConfigDict(meta["lora_base"])
     base = init_source_model_params(run, mcfg, mesh, rules)
     params = {**lora.hold_base({"model": base}, lcfg), **restored}
-
-    def merge(p):  # every leaf in param_dtype, the held base's too
-        dt = dtype_of(mcfg.param_dtype)
-        return jax.tree.map(lambda x: x.astype(dt), lora.with_adapters(p, lcfg, dt)["model"])
-
     if mesh is None:  # in the host's memory, as the rest of a host restore
         with jax.default_device(jax.devices("cpu")[0]):
-            return jax.tree.map(np.asarray, jax.jit(merge)(params))
-    return jax.jit(merge, out_shardings=param_shardings(mcfg, mesh, rules))(params)
+            return jax.tree.map(np.asarray, _merge(params, lcfg, mcfg.param_dtype))
+    return jax.device_put(_merge(params, lcfg, mcfg.param_dtype),
+                          param_shardings(mcfg, mesh, rules))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _merge(params: dict, lcfg, param_dtype: str) -> dict:
+    """The merged model, every leaf in ``param_dtype`` (the held base's too)."""
+    dt = dtype_of(param_dtype)
+    return jax.tree.map(lambda x: x.astype(dt), lora.with_adapters(params, lcfg, dt)["model"])
+
+
+# Jitted once per model config: every random base of a process compiles the init once.
+_random_model_params = jax.jit(init_params, static_argnums=0)
 
 
 def init_source_model_params(config, mcfg: ModelConfig, mesh: Mesh | None, rules) -> Any:
@@ -204,11 +212,9 @@ def init_source_model_params(config, mcfg: ModelConfig, mesh: Mesh | None, rules
     if src == "workdir":
         return restore_model_params(config.init.workdir, mcfg, mesh, rules)[0]
     if src == "random":
-        from exgra_jax.models.llava import init_params  # noqa: PLC0415
-
-        params = jax.jit(lambda r: init_params(mcfg, r), out_shardings=shardings)(
-            jax.random.key(config.train.seed))
-        return jax.tree.map(np.asarray, params) if mesh is None else params
+        params = _random_model_params(mcfg, jax.random.key(config.train.seed))
+        return jax.tree.map(np.asarray, params) if mesh is None else jax.device_put(params,
+                                                                                    shardings)
     loaded = hf_model_params(config, mcfg)
     if param_shapes(loaded) != param_shapes(_abstract_params(mcfg)):
         raise ValueError(f"weights from init.source={src} do not fit the model config {mcfg}")
@@ -246,8 +252,6 @@ def hf_model_params(config, mcfg: ModelConfig) -> dict:
 
 def _abstract_params(mcfg: ModelConfig, boxed: bool = False):
     """The model's parameter ShapeDtypeStructs (``boxed``: with their logical axis names)."""
-    from exgra_jax.models.llava import LlavaModel  # noqa: PLC0415
-
     ids = jnp.zeros((1, 8), jnp.int32)
     pix = jnp.zeros((1, mcfg.image_size, mcfg.image_size, 3), jnp.float32)
     params = jax.eval_shape(lambda: LlavaModel(mcfg).init(jax.random.key(0), ids, pix,

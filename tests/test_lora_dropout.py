@@ -13,15 +13,16 @@ import numpy as np
 import peft
 import pytest
 import torch
+from eval_fixtures import random_params
 from train_fixtures import random_batch, tiny_config
 
 from exgra_jax import parallel
 from exgra_jax.models.layers import Dense
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.models.lora import LoraConfig, training_params, with_adapters, with_init_adapters
+from exgra_jax.models.lora import LoraConfig, init_adapters, training_params, with_adapters
 from exgra_jax.train import trainer
 from exgra_jax.train.state import use_lora
-from exgra_jax.train.step import forward_loss, token_count
+from exgra_jax.train.step import forward_loss, text_branch_vectors, token_count
 
 D_IN, D_OUT, RANK, ALPHA, RATE = 6, 5, 3, 6.0, 0.4
 
@@ -120,14 +121,19 @@ ALL_KINDS = (r"^model/llm/layers/(attn|mlp)/\w+/kernel$", r"^model/projector/",
 
 @pytest.fixture(scope="module")
 def adapted():
-    """(model config, params with trained-looking adapters, inputs)."""
+    """(model config, LoRA config, params with trained-looking adapters (B != 0), inputs);
+    weights drawn with NumPy (compiling the Flax init would double the test's time)."""
     mcfg = trainer.model_config(tiny_config())
-    init_fn, _ = trainer.abstract_boxed_params(mcfg, None, 1)
     lcfg = LoraConfig(ALL_KINDS, rank=4, alpha=8.0, dropout=0.3)
-    params = nn.unbox(jax.jit(with_init_adapters(init_fn, lcfg))(jax.random.key(0)))
-    params["lora"] = jax.tree_util.tree_map_with_path(
-        lambda k, x: 0.05 * jax.random.normal(jax.random.key(len(str(k))), x.shape)
-        if k[-1].key == "b" else x, params["lora"])
+    ids = jnp.zeros((1, 8), jnp.int32)
+    pix = jnp.zeros((1, mcfg.image_size, mcfg.image_size, 3))
+    boxed = jax.eval_shape(lambda: LlavaModel(mcfg).init(jax.random.key(0), ids, pix,
+                                                         jnp.ones_like(ids)))["params"]
+    lora = nn.unbox(init_adapters(jax.random.key(1), {"model": boxed}, lcfg))
+    lora = jax.tree_util.tree_map_with_path(
+        lambda k, x: 0.05 * np.random.default_rng(2).standard_normal(x.shape, np.float32)
+        if k[-1].key == "b" else x, lora)
+    params = {"model": random_params(mcfg), "lora": lora}
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 99, (2, 24))
     ids[:, 2:2 + mcfg.num_image_tokens] = mcfg.image_token_id
@@ -135,21 +141,27 @@ def adapted():
     return mcfg, lcfg, params, (ids, pix, np.ones_like(ids))
 
 
+@pytest.mark.slow
 def test_the_model_applies_adapters_on_the_activation_path(adapted):
     mcfg, lcfg, params, inputs = adapted
     model = LlavaModel(mcfg)
-    run = jax.jit(lambda p, key: model.apply({"params": p}, *inputs, rngs={"dropout": key}))
-    merged = np.asarray(model.apply({"params": with_adapters(params, lcfg)["model"]}, *inputs))
     act = training_params(params, lcfg, jnp.float32)["model"]
     assert "lora_a" in act["llm"]["layers"]["attn"]["o"]
-    # No 'dropout' rng (evaluation): W x + scale B A x, the merged kernel's output.
-    np.testing.assert_allclose(np.asarray(model.apply({"params": act}, *inputs)), merged,
-                               rtol=0, atol=1e-5)
-    k1, k2 = jax.random.key(1), jax.random.key(2)
-    a, b, again = run(act, k1), run(act, k2), run(act, k1)
+
+    @jax.jit
+    def outputs(params, act):
+        merged = model.apply({"params": with_adapters(params, lcfg)["model"]}, *inputs)
+        evaluated = model.apply({"params": act}, *inputs)  # no 'dropout' rng
+        drawn = [model.apply({"params": act}, *inputs, rngs={"dropout": jax.random.key(k)})
+                 for k in (1, 2, 1)]
+        return merged, evaluated, drawn
+
+    merged, evaluated, (a, b, again) = jax.tree.map(np.asarray, outputs(params, act))
+    # Evaluation: W x + scale B A x, the merged kernel's output.
+    np.testing.assert_allclose(evaluated, merged, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(a, again)  # the masks are a function of the key
-    assert np.abs(np.asarray(a) - merged).max() > 1e-3
-    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+    assert np.abs(a - merged).max() > 1e-3
+    assert np.abs(a - b).max() > 1e-3
 
 
 def test_dropout_zero_is_the_merged_kernel_bit_for_bit(adapted):
@@ -162,29 +174,36 @@ def test_dropout_zero_is_the_merged_kernel_bit_for_bit(adapted):
         np.testing.assert_array_equal(x, y)
 
 
-def test_the_train_loss_draws_dropout_and_reaches_the_adapters():
-    c = tiny_config(alignment=True)
+@pytest.mark.slow
+def test_the_train_loss_and_the_text_branches_draw_dropout():
+    c = tiny_config(alignment=False)
     use_lora(c, (r"^model/llm/layers/attn/(q|v)/kernel$",), rank=4, alpha=8.0,
              base_dtype="float32", dropout=0.3)
     run = trainer.build(c, 10, devices=jax.devices()[:1])
-    params = trainer.init_train_state(run)["params"]
-    params["lora"] = jax.tree.map(lambda x: x + 0.05, params["lora"])  # B != 0
+    sc = run.step_config
+    assert sc.text_branch == "llm"
+    params = {"model": random_params(run.model), "lora": jax.tree.map(
+        lambda x: np.full(x.shape, 0.05, x.dtype), run.abstract_state["params"]["lora"])}
     batch = parallel.make_global_batch(random_batch(0), run.mesh)
-    sc, total = run.step_config, token_count(batch)
+    total = token_count(batch)
     off = dataclasses.replace(sc, lora=dataclasses.replace(sc.lora, dropout=0.0))
+    model = LlavaModel(run.model)
 
     @jax.jit
-    def losses(p, key):  # deterministic: no dropout anywhere, no Gumbel noise
-        return [forward_loss(p, batch, key, s, total, deterministic=d)[0]
-                for s, d in ((sc, False), (off, False), (sc, True), (off, True))]
+    def losses(p, key):
+        dropped, grads = jax.value_and_grad(
+            lambda q: forward_loss(q, batch, key, sc, total)[0])(p)
+        act = training_params(p, sc.lora, jnp.float32)["model"]
+        text = [text_branch_vectors(model, act, batch, sc, k)[:2] for k in (key, None)]
+        merged = with_adapters(p, sc.lora)["model"]
+        text.append(text_branch_vectors(model, merged, batch, sc)[:2])
+        return dropped, forward_loss(p, batch, key, off, total)[0], grads, text
 
-    dropped, merged, det, det_merged = losses(params, jax.random.key(0))
-    dropped2 = losses(params, jax.random.key(1))[0]
-    np.testing.assert_allclose(det, det_merged, rtol=1e-5)
-    # The same key draws the same alignment noise: only the adapters' dropout differs.
+    dropped, merged, grads, (text, text_eval, text_merged) = losses(params, jax.random.key(0))
+    assert float(dropped) != float(losses(params, jax.random.key(1))[0])
     assert abs(float(dropped) - float(merged)) > 1e-4
-    assert float(dropped) != float(dropped2)
-    g = jax.jit(jax.grad(lambda p: forward_loss(p, batch, jax.random.key(0), sc, total)[0]))(
-        params)
-    for leaf in jax.tree.leaves(g["lora"]):
+    for leaf in jax.tree.leaves(grads["lora"]):
         assert np.isfinite(leaf).all() and float(jnp.abs(leaf).max()) > 0
+    for drawn, plain, want in zip(text, text_eval, text_merged, strict=True):
+        np.testing.assert_allclose(plain, want, rtol=0, atol=1e-5)
+        assert np.abs(np.asarray(drawn) - np.asarray(want)).max() > 1e-4

@@ -143,10 +143,7 @@ def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh | None, rul
 
 def _saved_params(ckpt: Checkpointer, step: int) -> dict:
     """The tree of array metadata under ``state['params']`` of a checkpoint step."""
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    meta = ocp.PyTreeCheckpointer().metadata(ckpt.manager.directory / str(step) / "state")
-    return dict(meta.item_metadata.tree["params"])
+    return dict(ckpt.manager.item_metadata(step)["state"]["params"])
 
 
 def _placed(abstract, shardings):

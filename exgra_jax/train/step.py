@@ -178,9 +178,9 @@ def forward_loss(params, batch, rng, sc: StepConfig, total_tokens, deterministic
     """Loss of one micro-batch, scaled so that summing over micro-batches gives the
     batch loss; plus unscaled metrics."""
     params = training_params(params, sc.lora, dtype_of(sc.model.dtype))
-    # LoRA dropout draws its input masks from the model's 'dropout' rng (layers.Dense).
-    lora_key = jax.random.fold_in(rng, 1) if sc.lora and sc.lora.dropout and not deterministic \
-        else None
+    lora_key = None  # LoRA dropout's input masks: the model's 'dropout' rng (layers.Dense)
+    if sc.lora is not None and sc.lora.dropout and not deterministic:
+        lora_key = jax.random.fold_in(rng, 1)
     model = LlavaModel(sc.model)
     logits, feats = model.apply(
         {"params": params["model"]}, batch["input_ids"], batch["pixel_values"],

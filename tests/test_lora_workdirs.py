@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import shutil
 import sys
 
 import jax
@@ -170,3 +171,11 @@ def test_to_hf_exports_what_peft_computes_from_the_base_and_the_adapters(
             plain = peft_model(**inputs).logits.numpy()
     assert np.abs(ref - plain).max() > 1e-3  # the adapters change the model
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+
+
+def test_a_lora_workdir_without_its_config_is_a_clear_error(lora_workdir, tmp_path):
+    c, workdir, _ = lora_workdir
+    bare = str(tmp_path / "bare")
+    shutil.copytree(os.path.join(workdir, "checkpoints"), os.path.join(bare, "checkpoints"))
+    with pytest.raises(FileNotFoundError, match="LoRA adapters only.*config.json"):
+        load_for_eval(c, workdir=bare)

@@ -162,6 +162,10 @@ def _merged_lora(workdir: str, ckpt: Checkpointer, step: int, meta: dict, mcfg: 
     The LoRA settings and the seed come from the run's WORKDIR/config.json, the base's source
     from the checkpoint's meta (``lora_base``: the run's ``init`` section when it saved)."""
     where = f"{ckpt.directory}/{step}"
+    if not paths.exists(paths.join(workdir, CONFIG_JSON)):
+        raise FileNotFoundError(f"{where} holds LoRA adapters only; merging them needs the "
+                                f"run's {CONFIG_JSON} (its lora section and base), missing in "
+                                f"{workdir}")
     run = read_workdir_config(workdir)
     lcfg = lora.LoraConfig.from_config(run)
     if lcfg is None or "lora_base" not in meta:

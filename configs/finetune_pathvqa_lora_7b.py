@@ -8,6 +8,9 @@ Everything else as ``finetune_pathvqa_7b.py`` (data, 15 epochs, batch 64, best-s
 selection); lr 2e-4, LLaVA's LoRA rate. Checkpoints hold the adapters and their optimizer
 state only; on resume the base is reloaded from ``init``. Export: ``exgra_jax.convert.peft``
 (PEFT adapters, or the merged model as llava-hf).
+Adapter input dropout (PEFT's ``lora_dropout``; LLaVA's LoRA recipe: 0.05) is off by
+default: ``--config.lora.dropout=0.05``. Evaluation at any step, ``to-hf`` and
+``init.source=workdir`` read such a workdir as the merged model.
 """
 
 from exgra_jax.models.lora import ATTENTION_AND_PROJECTOR

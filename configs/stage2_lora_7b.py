@@ -9,6 +9,9 @@ Everything else as ``stage2_7b.py`` (data, alignment settings, batch 64, 3 epoch
 LLaVA's LoRA rate. The alignment objective is unchanged: its gradients reach the adapters
 through the image features and the LLM text branches. Checkpoints hold the adapters, the
 GNN and their optimizer state; on resume the base is reloaded from ``init``.
+Adapter input dropout (PEFT's ``lora_dropout``; LLaVA's LoRA recipe: 0.05) is off by
+default: ``--config.lora.dropout=0.05``. Evaluation at any step, ``to-hf`` and
+``init.source=workdir`` read such a workdir as the merged model.
 """
 
 import importlib.util

@@ -10,7 +10,9 @@ GPT-judged medical chatbot evaluation (exgra_jax/eval/chatbot.py).
 
 Weights: the newest checkpoint in WORKDIR/checkpoints (or --step N; --step best: the best
 validation step that fine-tuning with config.eval.select_metric kept in WORKDIR/best), or a
-llava-hf directory (--hf_dir; WORKDIR then only receives the outputs). Without --config the
+llava-hf directory (--hf_dir; WORKDIR then only receives the outputs). A LoRA run's
+checkpoints (adapters only) give the merged model: its base reloaded from the run's init
+source, the adapters folded in. Without --config the
 training config saved in WORKDIR/config.json is used. Answers go to --out (default
 WORKDIR/eval/TASK_stepN.jsonl, or TASK_best_stepN.jsonl) and the metrics next to them
 (.metrics.json); the metrics JSON is also printed as the last line. Rerunning resumes:

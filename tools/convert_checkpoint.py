@@ -3,7 +3,7 @@
     # A trained workdir -> a llava-hf directory (LlavaForConditionalGeneration) with the
     # tokenizer, preprocessor_config.json and the chat template, so AutoProcessor +
     # apply_chat_template build our prompts (--step best: the best validation step kept
-    # by fine-tuning with eval.select_metric)
+    # by fine-tuning with eval.select_metric; a LoRA run's step: the merged model)
     python tools/convert_checkpoint.py to-hf --workdir DIR [--step N|best] --out HF_DIR
 
     # Hugging Face weights -> a workdir that `launch/train.py` resumes from (step 0)

@@ -67,7 +67,7 @@ def save_adapters(config: mc.ModelConfig, lora_params: dict, cfg: LoraConfig, ou
                       lambda n: tensors[n], metadata={"format": "pt"})
     adapter_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model or None,
-        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": 0.0, "bias": "none",
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
         "target_modules": modules, "fan_in_fan_out": False, "use_rslora": False,
         "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
         "inference_mode": True,

@@ -21,9 +21,12 @@ Local paths and gs:// URLs work alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -31,7 +34,10 @@ from jax.sharding import Mesh
 from exgra_jax import parallel, paths
 from exgra_jax.checkpoint import Checkpointer, check_meta, param_shapes
 from exgra_jax.inference.generate import param_shardings, shard_params
+from exgra_jax.models import lora
 from exgra_jax.models.config import ModelConfig
+from exgra_jax.models.layers import dtype_of
+from exgra_jax.models.llava import LlavaModel, init_params
 from exgra_jax.workdir import BEST, BEST_DIR, CHECKPOINTS, CONFIG_JSON
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -105,8 +111,13 @@ def _step_to_load(steps: list[int], directory: str, step: int | str | None) -> i
 
 def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh | None, rules,
                          step: int | str | None = None) -> tuple[Any, int]:
-    """``params['model']`` of a training checkpoint (``step``: a number, None for the
-    newest, or 'best'), sharded on ``mesh`` (None: host numpy arrays); and its step."""
+    """The model params of a training checkpoint (``step``: a number, None for the newest,
+    or 'best') and its step, sharded on ``mesh`` (None: host numpy arrays). Every reader
+    of a workdir comes here (evaluation, chat, serving, ``to-hf``, ``init.source=workdir``).
+
+    A full checkpoint gives its ``params['model']``. A LoRA checkpoint holds only the
+    adapters: the base is reloaded from where the LoRA run took it, then the adapters are
+    folded in (``_merged_lora``)."""
     directory = paths.absolute(checkpoint_directory(workdir, step))
     if not paths.is_dir(directory):
         if step == BEST:
@@ -117,22 +128,136 @@ def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh | None, rul
     try:
         step = _step_to_load(ckpt.all_steps(), directory, step)
         abstract = _abstract_params(mcfg)
-        if mesh is not None:
-            abstract = jax.tree.map(
-                lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                abstract, param_shardings(mcfg, mesh, rules))
         expected = {"model": mcfg.to_dict(), "param_shapes": param_shapes({"model": abstract})}
-        check_meta(ckpt.read_meta(step), expected, f"{directory}/{step}", scope="['model']")
-        params = ckpt.restore_params(step, {"model": abstract})["model"]
+        meta = ckpt.read_meta(step)
+        check_meta(meta, expected, f"{directory}/{step}", scope="['model']")
+        if "lora" in _saved_params(ckpt, step):
+            params = _merged_lora(workdir, ckpt, step, meta, mcfg, mesh, rules)
+        else:
+            shardings = None if mesh is None else param_shardings(mcfg, mesh, rules)
+            params = ckpt.restore_params(step, {"model": _placed(abstract, shardings)})["model"]
     finally:
         ckpt.close()
     return params, step
 
 
-def _abstract_params(mcfg: ModelConfig):
-    from exgra_jax.models.llava import init_params  # noqa: PLC0415
+def _saved_params(ckpt: Checkpointer, step: int) -> dict:
+    """The tree of array metadata under ``state['params']`` of a checkpoint step."""
+    return dict(ckpt.manager.item_metadata(step)["state"]["params"])
 
-    return jax.eval_shape(lambda: init_params(mcfg, jax.random.key(0)))
+
+def _placed(abstract, shardings):
+    """ShapeDtypeStructs carrying ``shardings`` (None: left unplaced, restored to host)."""
+    if shardings is None:
+        return abstract
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        abstract, shardings)
+
+
+def _merged_lora(workdir: str, ckpt: Checkpointer, step: int, meta: dict, mcfg: ModelConfig,
+                 mesh: Mesh | None, rules) -> Any:
+    """Base + adapters of a LoRA checkpoint, merged as the run computed its forward: the base
+    held in ``lora.base_dtype``, W + scale A B summed in float32, returned in param_dtype.
+
+    The LoRA settings and the seed come from the run's WORKDIR/config.json, the base's source
+    from the checkpoint's meta (``lora_base``: the run's ``init`` section when it saved)."""
+    where = f"{ckpt.directory}/{step}"
+    if not paths.exists(paths.join(workdir, CONFIG_JSON)):
+        raise FileNotFoundError(f"{where} holds LoRA adapters only; merging them needs the "
+                                f"run's {CONFIG_JSON} (its lora section and base), missing in "
+                                f"{workdir}")
+    run = read_workdir_config(workdir)
+    lcfg = lora.LoraConfig.from_config(run)
+    if lcfg is None or "lora_base" not in meta:
+        raise ValueError(f"{where} holds LoRA adapters but {workdir}/{CONFIG_JSON} has no "
+                         "enabled lora section or the checkpoint no lora_base: the workdir is "
+                         "not as the LoRA trainer wrote it")
+    boxed = lora.init_adapters(jax.random.key(0), {"model": _abstract_params(mcfg, boxed=True)},
+                               lcfg)
+    adapters = nn.unbox(boxed)
+    saved = {k: v for k, v in meta.get("param_shapes", {}).items() if k.startswith("['lora']")}
+    if saved != param_shapes({"lora": adapters}):
+        raise ValueError(f"{where}: the adapter shapes differ from those of the lora section "
+                         f"of {workdir}/{CONFIG_JSON} (rank {lcfg.rank}, targets "
+                         f"{list(lcfg.targets)})")
+    if mesh is not None:
+        adapters = _placed(adapters, parallel.logical_sharding(boxed, mesh, rules))
+    restored = ckpt.restore_params(step, {"lora": adapters})
+    run.init = ml_collections.ConfigDict(meta["lora_base"])
+    base = init_source_model_params(run, mcfg, mesh, rules)
+    params = {**lora.hold_base({"model": base}, lcfg), **restored}
+    if mesh is None:  # in the host's memory, as the rest of a host restore
+        with jax.default_device(jax.devices("cpu")[0]):
+            return jax.tree.map(np.asarray, _merge(params, lcfg, mcfg.param_dtype))
+    return jax.device_put(_merge(params, lcfg, mcfg.param_dtype),
+                          param_shardings(mcfg, mesh, rules))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _merge(params: dict, lcfg, param_dtype: str) -> dict:
+    """The merged model, every leaf in ``param_dtype`` (the held base's too)."""
+    dt = dtype_of(param_dtype)
+    return jax.tree.map(lambda x: x.astype(dt), lora.with_adapters(params, lcfg, dt)["model"])
+
+
+# Jitted once per model config: every random base of a process compiles the init once.
+_random_model_params = jax.jit(init_params, static_argnums=0)
+
+
+def init_source_model_params(config, mcfg: ModelConfig, mesh: Mesh | None, rules) -> Any:
+    """The model params ``config.init`` names (random from ``train.seed``, a Hugging Face
+    checkpoint, or another workdir's newest step), in param_dtype, sharded on ``mesh``
+    (None: host numpy arrays)."""
+    src = config.init.source
+    shardings = None if mesh is None else param_shardings(mcfg, mesh, rules)
+    if src == "workdir":
+        return restore_model_params(config.init.workdir, mcfg, mesh, rules)[0]
+    if src == "random":
+        params = _random_model_params(mcfg, jax.random.key(config.train.seed))
+        return jax.tree.map(np.asarray, params) if mesh is None else jax.device_put(params,
+                                                                                    shardings)
+    loaded = hf_model_params(config, mcfg)
+    if param_shapes(loaded) != param_shapes(_abstract_params(mcfg)):
+        raise ValueError(f"weights from init.source={src} do not fit the model config {mcfg}")
+    dt = dtype_of(mcfg.param_dtype)
+    if mesh is None:
+        return jax.tree.map(lambda x: np.asarray(x, dt), loaded)
+    return jax.tree.map(lambda x, sh: jax.device_put(np.asarray(x, dt), sh), loaded, shardings)
+
+
+def hf_model_params(config, mcfg: ModelConfig) -> dict:
+    """The model's weights from a Hugging Face source (``config.init``), as numpy arrays in
+    ``param_dtype`` (fp32 master weights; the compute dtype only shapes activations)."""
+    from exgra_jax.convert import hf  # noqa: PLC0415
+
+    src, arrays = config.init.source, mcfg.param_dtype
+    over = dict(scan_layers=mcfg.scan_layers, remat_policy=mcfg.remat_policy,
+                param_dtype=mcfg.param_dtype)
+    if src == "llava_hf":
+        _, loaded = hf.load_llava(config.init.hf_dir, arrays, **over)
+    elif src == "llava_med":
+        _, loaded = hf.load_llava_med(
+            config.init.hf_dir, arrays, clip_dir=config.init.clip_dir or None,
+            image_token_id=mcfg.image_token_id, dense_connector=mcfg.dense_connector,
+            vision_heads=mcfg.vision_heads, **over)  # releases do not record the head count
+    elif src == "clip_llama":
+        _, loaded = hf.load_clip_llama(config.init.clip_dir, config.init.llama_dir, arrays,
+                                       vocab_size=mcfg.vocab_size,
+                                       image_token_id=mcfg.image_token_id,
+                                       pad_token_id=mcfg.pad_token_id, **over)
+    else:
+        raise ValueError("init.source must be random|llava_hf|llava_med|clip_llama|workdir, "
+                         f"got {src!r}")
+    return loaded
+
+
+def _abstract_params(mcfg: ModelConfig, boxed: bool = False):
+    """The model's parameter ShapeDtypeStructs (``boxed``: with their logical axis names)."""
+    ids = jnp.zeros((1, 8), jnp.int32)
+    pix = jnp.zeros((1, mcfg.image_size, mcfg.image_size, 3), jnp.float32)
+    params = jax.eval_shape(lambda: LlavaModel(mcfg).init(jax.random.key(0), ids, pix,
+                                                           jnp.ones_like(ids)))["params"]
+    return params if boxed else nn.unbox(params)
 
 
 def _load_tokenizer(path: str, mcfg: ModelConfig):

@@ -25,6 +25,11 @@ class Dense(nn.Module):
     """A dense layer whose kernel may have several input/output dims (e.g. [d, heads, head_dim]).
 
     Kernel layout is [*in_shape, *out_shape]; ``axes`` names every kernel dim.
+
+    LoRA with dropout (``exgra_jax.models.lora.training_params``) puts ``lora_a``
+    [*in_shape, rank], ``lora_b`` [rank, *out_shape] (already scaled) and ``lora_dropout``
+    (the rate) beside the kernel; the layer then adds ``lora_b . lora_a . dropout(x)``, the
+    inputs dropped only when the apply is given a 'dropout' rng (training).
     """
 
     features: tuple[int, ...]
@@ -56,7 +61,18 @@ class Dense(nn.Module):
                 self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
+        if self.has_variable("params", "lora_a"):
+            y = y + self._adapter(x, contract)
         return y
+
+    def _adapter(self, x: jax.Array, contract: tuple[int, ...]) -> jax.Array:
+        a, b = (self.get_variable("params", n).astype(self.dtype) for n in ("lora_a", "lora_b"))
+        if self.has_rng("dropout"):
+            rate = self.get_variable("params", "lora_dropout")
+            keep = jax.random.uniform(self.make_rng("dropout"), x.shape) >= rate
+            x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+        h = jax.lax.dot_general(x, a, ((contract, tuple(range(self.in_dims))), ((), ())))
+        return jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
 
 
 def attention(

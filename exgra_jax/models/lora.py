@@ -10,9 +10,13 @@ adapter leaves the model unchanged.
 The adapters live beside the model in the params tree: ``params['lora']`` mirrors
 ``params['model']`` down to each adapted kernel's module (``.../attn/q/{a,b}``).
 ``with_adapters`` folds them into the kernels before the model runs; the same function is
-the merge used for export. Being a parameter transform, it leaves the model code untouched;
-per-token input dropout (PEFT's ``lora_dropout``) has no parameter-space form and is not
-offered.
+the merge used for export, evaluation and generation.
+
+Dropout on the adapter's input (PEFT's ``lora_dropout``: y = W x + scale B A dropout(x)) has
+no parameter-space form: with ``dropout`` > 0 the training forward (``training_params``)
+instead hands each adapted ``layers.Dense`` its adapters beside its kernel, and the layer
+adds the adapter path itself, dropping inputs with the model's 'dropout' rng. With dropout
+0 the training forward is the merged kernel, as before.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 32.0
     base_dtype: str = "float32"  # the frozen base is held in this dtype ('bfloat16': half)
+    dropout: float = 0.0  # on the adapters' input while training (PEFT's lora_dropout)
 
     @property
     def scale(self) -> float:
@@ -56,7 +61,11 @@ class LoraConfig:
             return None
         if sec.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {sec.rank}")
-        return cls(tuple(sec.targets), int(sec.rank), float(sec.alpha), sec.base_dtype)
+        dropout = float(sec.get("dropout", 0.0))
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {dropout}")
+        return cls(tuple(sec.targets), int(sec.rank), float(sec.alpha), sec.base_dtype,
+                   dropout)
 
 
 def _path(keys) -> str:
@@ -118,24 +127,56 @@ def delta(a: jax.Array, b: jax.Array, kernel_ndim: int) -> jax.Array:
     return d.reshape(*a.shape[:-1], *b.shape[lead + 1:])
 
 
-def with_adapters(params: dict, cfg: LoraConfig | None, dtype=None) -> dict:
-    """``params`` without 'lora', each adapted kernel W replaced by W + scale * A @ B
-    (summed in float32, returned in ``dtype``, default W's dtype). Differentiable in the
-    adapters: this is both the training forward and the merge. No config: ``params``."""
-    if cfg is None:
-        return params
+def _adapted_kernels(params: dict):
+    """(flat model params, {module key: (kernel key, a, b)}) for the adapters in ``params``."""
     flat = traverse_util.flatten_dict(params["model"])
+    found = {}
     for key, ab in traverse_util.flatten_dict(params["lora"]["model"], sep=None,
                                               is_leaf=lambda _, v: "a" in v).items():
         kkey = (*key, "kernel")
         if kkey not in flat:
             raise ValueError(f"adapter {_path(('model', *key))} has no kernel to adapt")
-        w = flat[kkey]
-        merged = w.astype(jnp.float32) + cfg.scale * delta(ab["a"], ab["b"], w.ndim)
-        flat[kkey] = merged.astype(dtype or w.dtype)
+        found[key] = (kkey, ab["a"], ab["b"])
+    return flat, found
+
+
+def _without_lora(params: dict, flat_model: dict) -> dict:
     out = {k: v for k, v in params.items() if k != "lora"}
-    out["model"] = traverse_util.unflatten_dict(flat)
+    out["model"] = traverse_util.unflatten_dict(flat_model)
     return out
+
+
+def with_adapters(params: dict, cfg: LoraConfig | None, dtype=None) -> dict:
+    """``params`` without 'lora', each adapted kernel W replaced by W + scale * A @ B
+    (summed in float32, returned in ``dtype``, default W's dtype). Differentiable in the
+    adapters: this is both the training forward (dropout 0) and the merge. No config:
+    ``params``."""
+    if cfg is None:
+        return params
+    flat, found = _adapted_kernels(params)
+    for kkey, a, b in found.values():
+        w = flat[kkey]
+        merged = w.astype(jnp.float32) + cfg.scale * delta(a, b, w.ndim)
+        flat[kkey] = merged.astype(dtype or w.dtype)
+    return _without_lora(params, flat)
+
+
+def training_params(params: dict, cfg: LoraConfig | None, dtype) -> dict:
+    """What the training forward runs on. Dropout 0: ``with_adapters`` (merged kernels).
+    Dropout > 0: kernels in ``dtype`` with their adapters beside them in the same module:
+    ``lora_a`` (A), ``lora_b`` (scale * B, float32) and ``lora_dropout`` (the rate, one per
+    leading layer), which ``layers.Dense`` applies on the activation path."""
+    if cfg is None or cfg.dropout == 0:
+        return with_adapters(params, cfg, dtype)
+    flat, found = _adapted_kernels(params)
+    for key, (kkey, a, b) in found.items():
+        w = flat[kkey]
+        lead = a.ndim + b.ndim - 2 - w.ndim
+        flat[kkey] = w.astype(dtype)
+        flat[(*key, "lora_a")] = a
+        flat[(*key, "lora_b")] = cfg.scale * b.astype(jnp.float32)
+        flat[(*key, "lora_dropout")] = jnp.full(a.shape[:lead], cfg.dropout, jnp.float32)
+    return _without_lora(params, flat)
 
 
 def hold_base(params: dict, cfg: LoraConfig | None) -> dict:

@@ -70,14 +70,16 @@ def with_frozen(saved: dict, frozen_params: dict, mask: dict) -> dict:
 
 
 def use_lora(c, targets: Sequence[str], *, rank: int = 16, alpha: float = 32.0,
-             base_dtype: str = "bfloat16", also_train: Sequence[str] = ()) -> None:
+             base_dtype: str = "bfloat16", also_train: Sequence[str] = (),
+             dropout: float = 0.0) -> None:
     """Turn a training config into a LoRA run (``exgra_jax.models.lora``): adapters on the
     kernels matching ``targets``, the whole model frozen (held in ``base_dtype``), only the
     adapters and the ``also_train`` patterns (e.g. the alignment GNN) trained."""
     import ml_collections  # noqa: PLC0415
 
     c.lora = ml_collections.ConfigDict(dict(enabled=True, targets=tuple(targets), rank=rank,
-                                            alpha=alpha, base_dtype=base_dtype))
+                                            alpha=alpha, base_dtype=base_dtype,
+                                            dropout=dropout))
     c.train.trainable = (r"^lora/", *also_train)
     c.train.frozen = (r"^model/",)
 

@@ -27,7 +27,7 @@ from exgra_jax.alignment.objective import AlignmentConfig, MultiGraphAlignment, 
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.layers import dtype_of
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.models.lora import LoraConfig, with_adapters
+from exgra_jax.models.lora import LoraConfig, training_params, with_adapters
 from exgra_jax.train.state import merge, split
 
 IGNORE = -100
@@ -138,8 +138,12 @@ def pack_layout(sc: StepConfig, b: int, lengths: tuple[int, ...]) -> tuple[int, 
     return (groups, *pack_rows(sc, b // groups, lengths))
 
 
-def text_branch_vectors(model: LlavaModel, params, batch, sc: StepConfig):
-    """Pooled response and caption vectors [b, d] (float32) and whether they were packed."""
+def text_branch_vectors(model: LlavaModel, params, batch, sc: StepConfig, dropout_key=None):
+    """Pooled response and caption vectors [b, d] (float32) and whether they were packed;
+    ``dropout_key``: LoRA dropout's, one key per model call."""
+    def rngs(i):
+        return {} if dropout_key is None else {"dropout": jax.random.fold_in(dropout_key, i)}
+
     names = (("response_ids", "response_mask"), ("caption_ids", "caption_mask"))
     seqs = [(batch[i], batch[m]) for i, m in names]
     not_packed = jnp.zeros((), bool)
@@ -155,8 +159,8 @@ def text_branch_vectors(model: LlavaModel, params, batch, sc: StepConfig):
         raise ValueError(f"text_branch must be 'llm' or 'embeddings', got {sc.text_branch!r}")
 
     def padded(p):
-        return pool([model.apply({"params": p}, ids, m, method=LlavaModel.text_hidden_states)
-                     for ids, m in seqs])
+        return pool([model.apply({"params": p}, ids, m, method=LlavaModel.text_hidden_states,
+                                 rngs=rngs(i)) for i, (ids, m) in enumerate(seqs)])
 
     b = seqs[0][0].shape[0]
     groups, rows, row_len = pack_layout(sc, b, tuple(ids.shape[1] for ids, _ in seqs))
@@ -174,7 +178,7 @@ def text_branch_vectors(model: LlavaModel, params, batch, sc: StepConfig):
             return x.reshape(groups * rows, row_len)
 
         h = model.apply({"params": p}, as_rows(ids), None, as_rows(pos), as_rows(seg),
-                        method=LlavaModel.text_hidden_states)
+                        method=LlavaModel.text_hidden_states, rngs=rngs(2))
         h = h.reshape(groups, rows * row_len, h.shape[-1])
         take = jax.vmap(lambda h_, s_: jnp.take(h_, s_, axis=0, mode="fill", fill_value=0))
         return pool([take(h, s).reshape(b, *s.shape[2:], h.shape[-1]) for s in slots])
@@ -210,19 +214,24 @@ def forward_loss(params, batch, rng, sc: StepConfig, total_tokens, deterministic
     """Loss of one micro-batch, scaled so that summing over micro-batches gives the
     batch loss; plus unscaled metrics. ``batch`` is padded (one example per row) or
     packed (`is_packed`); both give the same loss on the same examples."""
-    params = with_adapters(params, sc.lora, dtype_of(sc.model.dtype))
+    params = training_params(params, sc.lora, dtype_of(sc.model.dtype))
+    lora_key = None  # LoRA dropout's input masks: the model's 'dropout' rng (layers.Dense)
+    if sc.lora is not None and sc.lora.dropout and not deterministic:
+        lora_key = jax.random.fold_in(rng, 1)
     model = LlavaModel(sc.model)
     packing = (batch["positions"], batch["segment_ids"]) if is_packed(batch) else (None, None)
     logits, feats = model.apply(
         {"params": params["model"]}, batch["input_ids"], batch["pixel_values"],
         batch["attention_mask"], *packing, method=LlavaModel.forward_features,
+        rngs={} if lora_key is None else {"dropout": jax.random.fold_in(lora_key, 3)},
     )
     nll_sum, count = lm_loss_sums(logits, batch["labels"], supervised_positions(batch))
     loss = nll_sum / jnp.maximum(total_tokens, 1.0)
     metrics = {"lm_nll_sum": nll_sum, "lm_tokens": count}
     if sc.alignment is not None:
         text, image, node_mask = alignment_nodes(batch, feats)
-        response, caption, packed = text_branch_vectors(model, params["model"], text, sc)
+        response, caption, packed = text_branch_vectors(model, params["model"], text, sc,
+                                                        lora_key)
         gumbel, dropout = jax.random.split(rng)
         align, align_metrics = MultiGraphAlignment(sc.alignment, sc.num_groups).apply(
             {"params": params["alignment"]}, image, response, caption,

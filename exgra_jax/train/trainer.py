@@ -31,6 +31,7 @@ from exgra_jax.config_paths import (
     check_config_paths,
     default_tokenizer,
 )
+from exgra_jax.eval.checkpoint_loading import init_source_model_params, rules_of
 from exgra_jax.models import lora
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.llava import LlavaModel
@@ -178,36 +179,10 @@ def check_against_abstract(tree, abstract, what: str) -> None:
                              f"wants {sh}")
 
 
-def hf_model_params(config, mcfg: ModelConfig) -> dict:
-    """The model's weights from a Hugging Face source, as numpy arrays in ``param_dtype``
-    (fp32 master weights; the compute dtype only shapes activations)."""
-    from exgra_jax.convert import hf  # noqa: PLC0415
-
-    src, arrays = config.init.source, mcfg.param_dtype
-    over = dict(scan_layers=mcfg.scan_layers, remat_policy=mcfg.remat_policy,
-                param_dtype=mcfg.param_dtype)
-    if src == "llava_hf":
-        _, loaded = hf.load_llava(config.init.hf_dir, arrays, **over)
-    elif src == "llava_med":
-        _, loaded = hf.load_llava_med(
-            config.init.hf_dir, arrays, clip_dir=config.init.clip_dir or None,
-            image_token_id=mcfg.image_token_id, dense_connector=mcfg.dense_connector,
-            vision_heads=mcfg.vision_heads, **over)  # releases do not record the head count
-    elif src == "clip_llama":
-        _, loaded = hf.load_clip_llama(config.init.clip_dir, config.init.llama_dir, arrays,
-                                       vocab_size=mcfg.vocab_size,
-                                       image_token_id=mcfg.image_token_id,
-                                       pad_token_id=mcfg.pad_token_id, **over)
-    else:
-        raise ValueError("init.source must be random|llava_hf|llava_med|clip_llama|workdir, "
-                         f"got {src!r}")
-    return loaded
-
-
 def initial_params(config, mcfg, init_fn, abstract: dict) -> dict:
-    """Random parameters, or weights from Hugging Face checkpoints or another workdir,
-    created directly in the abstract state's dtype and sharding (``abstract``: sharded
-    ShapeDtypeStructs) and checked against it."""
+    """Random parameters, or weights from Hugging Face checkpoints or another workdir (a
+    LoRA workdir gives its merged model), created directly in the abstract state's dtype
+    and sharding (``abstract``: sharded ShapeDtypeStructs) and checked against it."""
     src = config.init.source
     rng = jax.random.key(config.train.seed)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
@@ -221,46 +196,41 @@ def initial_params(config, mcfg, init_fn, abstract: dict) -> dict:
 
     if src == "random":
         params = fresh(tuple(abstract))
-    elif src == "workdir":
-        from_workdir = params_from_workdir(config.init.workdir, abstract)
-        params = {**fresh(tuple(k for k in abstract if k not in from_workdir)), **from_workdir}
     else:
-        loaded = hf_model_params(config, mcfg)
-        if param_shapes(loaded) != param_shapes(abstract["model"]):
-            raise ValueError(f"weights from init.source={src} do not fit the model config "
-                             f"{mcfg}")
-        model = jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
-                             loaded, abstract["model"])
-        params = {**fresh(tuple(k for k in abstract if k != "model")), "model": model}
+        mesh = jax.tree.leaves(shardings["model"])[0].mesh
+        model = init_source_model_params(config, mcfg, mesh, rules_of(config))
+        model = jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
+                             model, abstract["model"])
+        loaded = {"model": model}
+        if src == "workdir" and "alignment" in abstract:
+            loaded.update(alignment_from_workdir(config.init.workdir, abstract["alignment"]))
+        params = {**fresh(tuple(k for k in abstract if k not in loaded)), **loaded}
     params = {k: params[k] for k in abstract}
     check_against_abstract(params, abstract, f"initial parameters (init.source={src})")
     return params
 
 
-def params_from_workdir(workdir: str, abstract: dict) -> dict:
-    """The params of another run's newest checkpoint (e.g. stage 1 -> stage 2, or
-    pre-training -> fine-tuning), restored into ``abstract`` (sharded ShapeDtypeStructs);
-    returns only the top-level parts the checkpoint has (a new alignment GNN is left out)."""
-    ckpt = Checkpointer(paths.join(workdir, CHECKPOINTS), async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"init.workdir {workdir} has no checkpoint")
-    meta = ckpt.read_meta(step)
-    saved = {k: list(v) for k, v in meta.get("param_shapes", {}).items()}
-    target = param_shapes(abstract)
-    common = [k for k in ("model", "alignment") if k in abstract
-              and any(p.startswith(f"['{k}']") for p in saved)]
-    for key in common:
-        mine = {p: s for p, s in target.items() if p.startswith(f"['{key}']")}
-        theirs = {p: s for p, s in saved.items() if p.startswith(f"['{key}']")}
-        if mine != theirs:
-            diff = sorted(set(map(str, mine.items())) ^ set(map(str, theirs.items())))[:5]
-            raise ValueError(f"init.workdir {workdir} step {step}: {key} params differ from "
-                             f"this config's: {diff}")
-    params = ckpt.restore_params(step, {k: abstract[k] for k in common})
-    ckpt.close()
-    log.info("initialised %s from %s step %d", common, workdir, step)
-    return params
+def alignment_from_workdir(workdir: str, abstract: dict) -> dict:
+    """``{'alignment': ...}`` of another run's newest checkpoint (e.g. stage 1 -> stage 2)
+    restored into ``abstract`` (sharded ShapeDtypeStructs); {} when that run has none."""
+    ckpt = Checkpointer(paths.join(workdir, CHECKPOINTS), async_save=False, read_only=True)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"init.workdir {workdir} has no checkpoint")
+        saved = {p: s for p, s in ckpt.read_meta(step).get("param_shapes", {}).items()
+                 if p.startswith("['alignment']")}
+        if not saved:
+            return {}
+        mine = param_shapes({"alignment": abstract})
+        if mine != saved:
+            diff = sorted(set(map(str, mine.items())) ^ set(map(str, saved.items())))[:5]
+            raise ValueError(f"init.workdir {workdir} step {step}: alignment params differ "
+                             f"from this config's: {diff}")
+        log.info("initialised the alignment head from %s step %d", workdir, step)
+        return ckpt.restore_params(step, {"alignment": abstract})
+    finally:
+        ckpt.close()
 
 
 # =============================================================================== metrics

@@ -33,7 +33,12 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
 
     from exgra_jax import paths
     from exgra_jax.checkpoint import Checkpointer
-    from exgra_jax.eval.checkpoint_loading import checkpoint_directory
+    from exgra_jax.convert.hf import save_llava
+    from exgra_jax.eval.checkpoint_loading import (
+        checkpoint_directory,
+        holds_lora,
+        restore_model_params,
+    )
     from exgra_jax.models.config import ModelConfig
     from exgra_jax.workdir import BEST
 
@@ -54,11 +59,17 @@ def to_hf(workdir: str, out: str, step: int | str | None, dtype: str | None) -> 
     config = ModelConfig.from_dict(ckpt.read_meta(step)["model"])
     # Only params['model'] is read (no optimizer state), leaf by leaf as host numpy arrays
     # written out as they come: neither an accelerator chip nor the host ever holds a
-    # whole 7B model.
+    # whole 7B model. A LoRA checkpoint holds adapters only: the merged model is built
+    # whole in host memory (base reloaded, adapters folded in), then written.
     try:
-        _stream_params_to_hf(ckpt, step, config, out, dtype)
+        lora_run = holds_lora(ckpt, step)
+        if not lora_run:
+            _stream_params_to_hf(ckpt, step, config, out, dtype)
     finally:
         ckpt.close()
+    if lora_run:
+        params, _ = restore_model_params(workdir, config, None, None, BEST if best else step)
+        save_llava(config, params, out, dtype=dtype)
     run_config = _run_config(workdir)
     tokenizer_dir = run_config.get("tokenizer", "")
     if tokenizer_dir and os.path.isdir(tokenizer_dir):

@@ -26,7 +26,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -37,7 +36,7 @@ from exgra_jax.inference.generate import param_shardings, shard_params
 from exgra_jax.models import lora
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.layers import dtype_of
-from exgra_jax.models.llava import LlavaModel, init_params
+from exgra_jax.models.llava import abstract_params, init_params
 from exgra_jax.workdir import BEST, BEST_DIR, CHECKPOINTS, CONFIG_JSON
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -127,11 +126,11 @@ def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh | None, rul
     ckpt = Checkpointer(directory, async_save=False, read_only=True)
     try:
         step = _step_to_load(ckpt.all_steps(), directory, step)
-        abstract = _abstract_params(mcfg)
+        abstract = abstract_params(mcfg)
         expected = {"model": mcfg.to_dict(), "param_shapes": param_shapes({"model": abstract})}
         meta = ckpt.read_meta(step)
         check_meta(meta, expected, f"{directory}/{step}", scope="['model']")
-        if "lora" in _saved_params(ckpt, step):
+        if holds_lora(ckpt, step):
             params = _merged_lora(workdir, ckpt, step, meta, mcfg, mesh, rules)
         else:
             shardings = None if mesh is None else param_shardings(mcfg, mesh, rules)
@@ -141,9 +140,9 @@ def restore_model_params(workdir: str, mcfg: ModelConfig, mesh: Mesh | None, rul
     return params, step
 
 
-def _saved_params(ckpt: Checkpointer, step: int) -> dict:
-    """The tree of array metadata under ``state['params']`` of a checkpoint step."""
-    return dict(ckpt.manager.item_metadata(step)["state"]["params"])
+def holds_lora(ckpt: Checkpointer, step: int) -> bool:
+    """Whether a checkpoint step is a LoRA run's (adapters under ``state['params']``)."""
+    return "lora" in dict(ckpt.manager.item_metadata(step)["state"]["params"])
 
 
 def _placed(abstract, shardings):
@@ -172,7 +171,7 @@ def _merged_lora(workdir: str, ckpt: Checkpointer, step: int, meta: dict, mcfg: 
         raise ValueError(f"{where} holds LoRA adapters but {workdir}/{CONFIG_JSON} has no "
                          "enabled lora section or the checkpoint no lora_base: the workdir is "
                          "not as the LoRA trainer wrote it")
-    boxed = lora.init_adapters(jax.random.key(0), {"model": _abstract_params(mcfg, boxed=True)},
+    boxed = lora.init_adapters(jax.random.key(0), {"model": abstract_params(mcfg, boxed=True)},
                                lcfg)
     adapters = nn.unbox(boxed)
     saved = {k: v for k, v in meta.get("param_shapes", {}).items() if k.startswith("['lora']")}
@@ -217,7 +216,7 @@ def init_source_model_params(config, mcfg: ModelConfig, mesh: Mesh | None, rules
         return jax.tree.map(np.asarray, params) if mesh is None else jax.device_put(params,
                                                                                     shardings)
     loaded = hf_model_params(config, mcfg)
-    if param_shapes(loaded) != param_shapes(_abstract_params(mcfg)):
+    if param_shapes(loaded) != param_shapes(abstract_params(mcfg)):
         raise ValueError(f"weights from init.source={src} do not fit the model config {mcfg}")
     dt = dtype_of(mcfg.param_dtype)
     if mesh is None:
@@ -249,15 +248,6 @@ def hf_model_params(config, mcfg: ModelConfig) -> dict:
         raise ValueError("init.source must be random|llava_hf|llava_med|clip_llama|workdir, "
                          f"got {src!r}")
     return loaded
-
-
-def _abstract_params(mcfg: ModelConfig, boxed: bool = False):
-    """The model's parameter ShapeDtypeStructs (``boxed``: with their logical axis names)."""
-    ids = jnp.zeros((1, 8), jnp.int32)
-    pix = jnp.zeros((1, mcfg.image_size, mcfg.image_size, 3), jnp.float32)
-    params = jax.eval_shape(lambda: LlavaModel(mcfg).init(jax.random.key(0), ids, pix,
-                                                           jnp.ones_like(ids)))["params"]
-    return params if boxed else nn.unbox(params)
 
 
 def _load_tokenizer(path: str, mcfg: ModelConfig):

@@ -114,14 +114,20 @@ class LlavaModel(nn.Module):
         return self.forward_features(input_ids_bt, pixel_values_bhwc, attention_mask_bt)[0]
 
 
-def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8):
-    """Random parameters (boxed logical-partitioning metadata removed)."""
+def init_boxed_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8):
+    """Random parameters boxed with their logical axis names (flax's partitioning)."""
     ids = jnp.zeros((batch, seq), jnp.int32)
     pix = jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.float32)
-    variables = LlavaModel(config).init(rng, ids, pix, jnp.ones_like(ids))
-    return nn.unbox(variables["params"])
+    return LlavaModel(config).init(rng, ids, pix, jnp.ones_like(ids))["params"]
 
 
-def abstract_params(config: ModelConfig) -> dict:
-    """The parameter tree's shapes and dtypes (ShapeDtypeStructs), nothing allocated."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8):
+    """Random parameters (boxed logical-partitioning metadata removed)."""
+    return nn.unbox(init_boxed_params(config, rng, batch, seq))
+
+
+def abstract_params(config: ModelConfig, boxed: bool = False) -> dict:
+    """The parameter tree's ShapeDtypeStructs, nothing allocated (``boxed``: with their
+    logical axis names)."""
+    params = jax.eval_shape(lambda: init_boxed_params(config, jax.random.key(0)))
+    return params if boxed else nn.unbox(params)

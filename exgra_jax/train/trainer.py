@@ -34,7 +34,7 @@ from exgra_jax.config_paths import (
 from exgra_jax.eval.checkpoint_loading import init_source_model_params, rules_of
 from exgra_jax.models import lora
 from exgra_jax.models.config import ModelConfig
-from exgra_jax.models.llava import LlavaModel
+from exgra_jax.models.llava import init_boxed_params
 from exgra_jax.train import state as st
 from exgra_jax.train.step import StepConfig, make_eval_step, make_train_step, pack_layout
 from exgra_jax.workdir import CHECKPOINTS, CONFIG_JSON, FINAL_METRICS, TENSORBOARD
@@ -139,9 +139,7 @@ def abstract_boxed_params(mcfg: ModelConfig, acfg: AlignmentConfig | None, num_g
     """Parameter shapes with logical-axis metadata, without allocating anything."""
 
     def init(rng):
-        ids = jnp.zeros((1, 8), jnp.int32)
-        pix = jnp.zeros((1, mcfg.image_size, mcfg.image_size, 3), jnp.float32)
-        out = {"model": LlavaModel(mcfg).init(rng, ids, pix, jnp.ones_like(ids))["params"]}
+        out = {"model": init_boxed_params(mcfg, rng)}
         if acfg is not None:
             n = num_groups * acfg.graph_size  # splits in every graph_scope
             x = jnp.zeros((n, mcfg.hidden_size), jnp.float32)

@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from exgra_jax.models.config import ModelConfig
-from exgra_jax.models.layers import Dense, LayerNorm, activation, attention, constrain, dtype_of
+from exgra_jax.models.layers import (
+    Dense,
+    LayerNorm,
+    activation,
+    attention,
+    attention_platform,
+    constrain,
+    dtype_of,
+    resolve_attention_impl,
+)
 
 ACT_AXES = ("activation_batch", "activation_length", "activation_vision_embed")
 
@@ -36,7 +45,11 @@ class VisionAttention(nn.Module):
         q = Dense((heads, hd), qkv_axes, name="q", **kw)(x_btd)
         k = Dense((heads, hd), qkv_axes, name="k", **kw)(x_btd)
         v = Dense((heads, hd), qkv_axes, name="v", **kw)(x_btd)
-        out = attention(q, k, v, None, implementation=cfg.attention_impl)
+        impl = resolve_attention_impl(cfg.attention_impl, platform=attention_platform(),
+                                      dtype=dtype_of(cfg.dtype), head_dim=hd)
+        # Splash tiles sequences in multiples of 128 (CLIP has 1 + patches tokens): the
+        # small tower stays on XLA there.
+        out = attention(q, k, v, impl="xla" if impl == "splash" else impl)
         return Dense(
             (cfg.vision_width,), ("vision_heads", "head_dim", "vision_embed"), in_dims=2,
             name="o", **kw,

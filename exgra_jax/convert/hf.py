@@ -119,6 +119,9 @@ def fill_params(
             if theirs not in reader:
                 raise KeyError(f"{reader.directory}: missing tensor {theirs!r} (for {ours})")
             dest = arrays[path] if layer is None else arrays[path][layer]
+            if ours in VOCAB_PARAMS:  # rows past vocab_size (vocab_pad_multiple) stay zero
+                dest[...] = 0
+                dest = real_vocab(dest, ours, config.vocab_size)
             tensor = reader.get(theirs)
             if grow_vocab and ours in VOCAB_PARAMS and tensor.shape[0] < config.vocab_size:
                 dest[...] = _grown_vocab(tensor, config.vocab_size, ours).astype(np_dtype)
@@ -143,6 +146,12 @@ def fill_params(
 
 
 VOCAB_PARAMS = ("llm/embed_tokens", "llm/lm_head/kernel")
+
+
+def real_vocab(x, ours: str, vocab: int):
+    """The rows of a vocabulary parameter that hold real tokens (a view): the embedding is
+    [padded_vocab, d], the LM head kernel [d, padded_vocab]."""
+    return x[:vocab] if ours == "llm/embed_tokens" else x[:, :vocab]
 
 
 def refuse_unknown_tensors(config: mc.ModelConfig, reader: CheckpointReader,
@@ -396,6 +405,8 @@ def save_llava(config: mc.ModelConfig, params: dict, out_dir: str, dtype: str | 
         if path not in flat:
             raise KeyError(f"params have no {path!r}; does the config match the params?")
         leaf = flat[path]
+        if ours in VOCAB_PARAMS:  # Hugging Face holds vocab_size rows, not the padding
+            leaf = real_vocab(leaf, ours, config.vocab_size)
         shape = tuple(leaf.shape[1:] if layer is not None else leaf.shape)
         hf_shape = tuple(TRANSFORMS[tname][2](shape))
 

@@ -72,30 +72,33 @@ def rel_err(a, b) -> float:
 
 
 # ---------------------------------------------------------------------------- resolution
-@pytest.mark.parametrize("impl,platform,dtype,expected", [
-    ("auto", "tpu", jnp.bfloat16, "splash"),
-    ("auto", "cpu", jnp.bfloat16, "xla"),
-    ("auto", "gpu", jnp.float32, "xla"),  # cuDNN flash attention is half precision only
-    ("xla", "tpu", jnp.float32, "xla"),
-    ("splash", "tpu", jnp.float32, "splash"),
-    ("splash", "cpu", jnp.float32, "splash"),  # Pallas interpret mode
+@pytest.mark.parametrize("impl,platform,dtype,seq_len,expected", [
+    ("auto", "tpu", jnp.bfloat16, 2048, "splash"),
+    ("auto", "tpu", jnp.bfloat16, 257, "xla"),  # no whole 128-token blocks (CLIP-L/14)
+    ("auto", "cpu", jnp.bfloat16, 2048, "xla"),
+    ("auto", "gpu", jnp.float32, 2048, "xla"),  # cuDNN flash attention is half precision
+    ("xla", "tpu", jnp.float32, 2048, "xla"),
+    ("splash", "tpu", jnp.float32, 2048, "splash"),
+    ("splash", "cpu", jnp.float32, 384, "splash"),  # Pallas interpret mode
 ])
-def test_resolution_rules(impl, platform, dtype, expected):
-    assert resolve_attention_impl(impl, platform=platform, dtype=dtype,
-                                  head_dim=128) == expected
+def test_resolution_rules(impl, platform, dtype, seq_len, expected):
+    assert resolve_attention_impl(impl, platform=platform, dtype=dtype, head_dim=128,
+                                  seq_len=seq_len) == expected
 
 
-@pytest.mark.parametrize("impl,platform,dtype,head_dim,message", [
-    ("cudnn", "cpu", jnp.bfloat16, 128, "needs an NVIDIA GPU"),
-    ("cudnn", "tpu", jnp.bfloat16, 128, "needs an NVIDIA GPU"),
-    ("cudnn", "gpu", jnp.float32, 128, "bfloat16 or float16"),
-    ("cudnn", "gpu", jnp.bfloat16, 100, "multiple of 8"),
-    ("splash", "gpu", jnp.bfloat16, 128, "TPU kernel"),
-    ("flash", "cpu", jnp.float32, 128, "unknown attention_impl"),
+@pytest.mark.parametrize("impl,platform,dtype,head_dim,seq_len,message", [
+    ("cudnn", "cpu", jnp.bfloat16, 128, 2048, "needs an NVIDIA GPU"),
+    ("cudnn", "tpu", jnp.bfloat16, 128, 2048, "needs an NVIDIA GPU"),
+    ("cudnn", "gpu", jnp.float32, 128, 2048, "bfloat16 or float16"),
+    ("cudnn", "gpu", jnp.bfloat16, 100, 2048, "multiple of 8"),
+    ("splash", "gpu", jnp.bfloat16, 128, 2048, "TPU kernel"),
+    ("splash", "tpu", jnp.bfloat16, 128, 200, "multiple of 128"),
+    ("flash", "cpu", jnp.float32, 128, 2048, "unknown attention_impl"),
 ])
-def test_impossible_choices_fail_clearly(impl, platform, dtype, head_dim, message):
+def test_impossible_choices_fail_clearly(impl, platform, dtype, head_dim, seq_len, message):
     with pytest.raises(ValueError, match=message):
-        resolve_attention_impl(impl, platform=platform, dtype=dtype, head_dim=head_dim)
+        resolve_attention_impl(impl, platform=platform, dtype=dtype, head_dim=head_dim,
+                               seq_len=seq_len)
 
 
 def test_config_refuses_unknown_backend():

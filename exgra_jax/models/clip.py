@@ -45,11 +45,13 @@ class VisionAttention(nn.Module):
         q = Dense((heads, hd), qkv_axes, name="q", **kw)(x_btd)
         k = Dense((heads, hd), qkv_axes, name="k", **kw)(x_btd)
         v = Dense((heads, hd), qkv_axes, name="v", **kw)(x_btd)
-        impl = resolve_attention_impl(cfg.attention_impl, platform=attention_platform(),
-                                      dtype=dtype_of(cfg.dtype), head_dim=hd)
-        # Splash tiles sequences in multiples of 128 (CLIP has 1 + patches tokens): the
-        # small tower stays on XLA there.
-        out = attention(q, k, v, impl="xla" if impl == "splash" else impl)
+        # Splash is the decoder's kernel (its sequences tile in 128-token blocks; CLIP has
+        # 1 + patches tokens): the small tower runs XLA where the decoder runs splash.
+        impl = "auto" if cfg.attention_impl == "splash" else cfg.attention_impl
+        impl = resolve_attention_impl(impl, platform=attention_platform(),
+                                      dtype=dtype_of(cfg.dtype), head_dim=hd,
+                                      seq_len=x_btd.shape[1])
+        out = attention(q, k, v, impl=impl)
         return Dense(
             (cfg.vision_width,), ("vision_heads", "head_dim", "vision_embed"), in_dims=2,
             name="o", **kw,

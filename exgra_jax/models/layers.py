@@ -89,15 +89,17 @@ def _cudnn_problem(dtype, head_dim: int) -> str | None:
     return None
 
 
-def resolve_attention_impl(impl: str, *, platform: str, dtype, head_dim: int) -> str:
+def resolve_attention_impl(impl: str, *, platform: str, dtype, head_dim: int,
+                           seq_len: int) -> str:
     """``model.attention_impl`` -> the backend that runs: 'xla', 'cudnn' or 'splash'.
 
-    'auto' takes splash on TPU, cuDNN on a GPU where it can run (half precision, head_dim,
-    Hopper), XLA elsewhere. An explicit choice that cannot run here fails with the reason.
-    Splash on the CPU runs in Pallas interpret mode (for tests: slow, exact).
+    'auto' takes splash on TPU (when whole 128-token blocks tile the sequence), cuDNN on a
+    GPU where it can run (half precision, head_dim, Hopper), XLA elsewhere. An explicit
+    choice that cannot run here fails with the reason. Splash on the CPU runs in Pallas
+    interpret mode (for tests: slow, exact).
     """
     if impl == "auto":
-        if platform == "tpu":
+        if platform == "tpu" and seq_len % SPLASH_BLOCKS[-1] == 0:
             return "splash"
         if platform in GPU_PLATFORMS and _cudnn_problem(dtype, head_dim) is None:
             return "cudnn"
@@ -113,6 +115,7 @@ def resolve_attention_impl(impl: str, *, platform: str, dtype, head_dim: int) ->
         if platform not in ("tpu", "cpu"):
             raise ValueError(f"model.attention_impl='splash' is a TPU kernel, but this "
                              f"compiles for {platform!r}; use 'cudnn', 'xla' or 'auto'")
+        splash_block_size(seq_len)
     elif impl != "xla":
         raise ValueError(f"unknown attention_impl {impl!r}; choose auto, xla, cudnn or splash")
     return impl

@@ -79,8 +79,11 @@ class Attention(nn.Module):
                       ("activation_batch", "activation_length", "activation_heads", None))
         k = rotary(k, positions_bt, cfg.rope_theta)
         if cache is None:
-            impl = resolve_attention_impl(cfg.attention_impl, platform=attention_platform(),
-                                          dtype=dtype_of(cfg.dtype), head_dim=hd)
+            # Initialisation only needs shapes (its dummy sequence fits no kernel's tiles).
+            chosen = "xla" if self.is_initializing() else cfg.attention_impl
+            impl = resolve_attention_impl(chosen, platform=attention_platform(),
+                                          dtype=dtype_of(cfg.dtype), head_dim=hd,
+                                          seq_len=x_btd.shape[1])
             out = attention(q, k, v, impl=impl, segment_ids_bt=segment_ids_bt, causal=True,
                             positions_bt=positions_bt, sliding_window=cfg.sliding_window)
             new_cache = None

@@ -52,8 +52,7 @@ def test_llama_attention(llava, layer):
         rope = lm.rotary_emb(xt, torch.tensor(pos))
         ref, _ = lm.layers[layer].self_attn(xt, position_embeddings=rope, attention_mask=mask4)
     ours, _ = Attention(cfg).apply(
-        {"params": params["llm"][f"layers_{layer}"]["attn"]}, x, pos,
-        am.astype(bool)[:, None, :], None, 0)
+        {"params": params["llm"][f"layers_{layer}"]["attn"]}, x, pos, am, None, None, 0)
     real = am.astype(bool)  # padded queries are never read
     assert rel_err(np.asarray(ours)[real], ref.numpy()[real]) <= 1e-5
 

@@ -119,6 +119,9 @@ def fill_params(
             if theirs not in reader:
                 raise KeyError(f"{reader.directory}: missing tensor {theirs!r} (for {ours})")
             dest = arrays[path] if layer is None else arrays[path][layer]
+            if ours in VOCAB_PARAMS:  # rows past vocab_size (vocab_pad_multiple) stay zero
+                dest[...] = 0
+                dest = real_vocab(dest, ours, config.vocab_size)
             tensor = reader.get(theirs)
             if grow_vocab and ours in VOCAB_PARAMS and tensor.shape[0] < config.vocab_size:
                 dest[...] = _grown_vocab(tensor, config.vocab_size, ours).astype(np_dtype)
@@ -143,6 +146,12 @@ def fill_params(
 
 
 VOCAB_PARAMS = ("llm/embed_tokens", "llm/lm_head/kernel")
+
+
+def real_vocab(x, ours: str, vocab: int):
+    """The rows of a vocabulary parameter that hold real tokens (a view): the embedding is
+    [padded_vocab, d], the LM head kernel [d, padded_vocab]."""
+    return x[:vocab] if ours == "llm/embed_tokens" else x[:, :vocab]
 
 
 def refuse_unknown_tensors(config: mc.ModelConfig, reader: CheckpointReader,
@@ -407,17 +416,22 @@ def write_llava(config: mc.ModelConfig, shapes: dict[str, tuple[int, ...]],
         path, layer = locate(ours, config.scan_layers)
         if path not in shapes:
             raise KeyError(f"params have no {path!r}; does the config match the params?")
-        shape = tuple(shapes[path][1:] if layer is not None else shapes[path])
+        shape = shapes[path]
+        if ours in VOCAB_PARAMS:  # Hugging Face holds vocab_size rows, not the padding
+            shape = real_vocab(np.broadcast_to(np.bool_(0), shape), ours, config.vocab_size).shape
+        shape = tuple(shape[1:] if layer is not None else shape)
         by_leaf.setdefault(path, []).append((theirs, tuple(TRANSFORMS[tname][2](shape)),
-                                             layer, tname))
+                                             layer, tname, ours))
     entries = [(path, *e) for path, leaf_entries in by_leaf.items() for e in leaf_entries]
     held: dict[str, Any] = {}  # the one leaf being written
 
-    def produce(path, layer, tname):
+    def produce(path, layer, tname, ours):
         if path not in held:
             held.clear()  # drop the previous leaf before reading the next
             held[path] = read_leaf(path)
         leaf = held[path]
+        if ours in VOCAB_PARAMS:
+            leaf = real_vocab(leaf, ours, config.vocab_size)
         return TRANSFORMS[tname][1](np.asarray(leaf[layer] if layer is not None else leaf))
 
     shards: list[list] = [[]]
@@ -433,10 +447,10 @@ def write_llava(config: mc.ModelConfig, shapes: dict[str, tuple[int, ...]],
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for fname, shard in zip(names, shards, strict=True):
-        sources = {name: (path, layer, tname) for path, name, _, layer, tname in shard}
+        sources = {name: (path, layer, tname, ours) for path, name, _, layer, tname, ours in shard}
         write_safetensors(
             os.path.join(out_dir, fname),
-            [(name, shape, np_dtype) for _, name, shape, _, _ in shard],
+            [(name, shape, np_dtype) for _, name, shape, *_ in shard],
             lambda name, sources=sources: produce(*sources[name]),
             metadata={"format": "pt"},
         )

@@ -231,7 +231,7 @@ def hf_model_params(config, mcfg: ModelConfig) -> dict:
 
     src, arrays = config.init.source, mcfg.param_dtype
     over = dict(scan_layers=mcfg.scan_layers, remat_policy=mcfg.remat_policy,
-                param_dtype=mcfg.param_dtype)
+                param_dtype=mcfg.param_dtype, vocab_pad_multiple=mcfg.vocab_pad_multiple)
     if src == "llava_hf":
         _, loaded = hf.load_llava(config.init.hf_dir, arrays, **over)
     elif src == "llava_med":

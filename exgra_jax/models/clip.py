@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from exgra_jax.models.config import ModelConfig
-from exgra_jax.models.layers import Dense, LayerNorm, activation, attention, constrain, dtype_of
+from exgra_jax.models.layers import (
+    Dense,
+    LayerNorm,
+    activation,
+    attention,
+    attention_platform,
+    constrain,
+    dtype_of,
+    resolve_attention_impl,
+)
 
 ACT_AXES = ("activation_batch", "activation_length", "activation_vision_embed")
 
@@ -36,7 +45,13 @@ class VisionAttention(nn.Module):
         q = Dense((heads, hd), qkv_axes, name="q", **kw)(x_btd)
         k = Dense((heads, hd), qkv_axes, name="k", **kw)(x_btd)
         v = Dense((heads, hd), qkv_axes, name="v", **kw)(x_btd)
-        out = attention(q, k, v, None, implementation=cfg.attention_impl)
+        # Splash is the decoder's kernel (its sequences tile in 128-token blocks; CLIP has
+        # 1 + patches tokens): the small tower runs XLA where the decoder runs splash.
+        impl = "auto" if cfg.attention_impl == "splash" else cfg.attention_impl
+        impl = resolve_attention_impl(impl, platform=attention_platform(),
+                                      dtype=dtype_of(cfg.dtype), head_dim=hd,
+                                      seq_len=x_btd.shape[1])
+        out = attention(q, k, v, impl=impl)
         return Dense(
             (cfg.vision_width,), ("vision_heads", "head_dim", "vision_embed"), in_dims=2,
             name="o", **kw,

@@ -20,6 +20,8 @@ VISION_TYPES = ("clip", "siglip")
 LLM_TYPES = ("llama", "mistral")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
+# "auto" picks per platform at trace time: exgra_jax.models.layers.resolve_attention_impl.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,9 @@ class ModelConfig:
     # --- language model (LLaMA or Mistral) ---
     llm_type: str = "llama"
     vocab_size: int = 32004
+    # Rows of the embedding and LM head are rounded up to a multiple of this (1: none), so
+    # that a mesh axis can split the vocabulary; padded logits are masked out.
+    vocab_pad_multiple: int = 1
     hidden_size: int = 4096
     mlp_size: int = 11008
     num_layers: int = 32
@@ -75,7 +80,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str | None = None  # passed to jax.nn.dot_product_attention
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS
 
     def __post_init__(self):
         _check(self.projector in PROJECTORS, f"projector must be one of {PROJECTORS}")
@@ -94,6 +99,9 @@ class ModelConfig:
             self.vision_has_cls or self.vision_select_strategy == "patch",
             "a SigLIP tower has no CLS token: use vision_select_strategy='patch'",
         )
+        _check(self.attention_impl in ATTENTION_IMPLS,
+               f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        _check(self.vocab_pad_multiple >= 1, "vocab_pad_multiple must be >= 1 (1: no padding)")
         _check(self.remat_policy in REMAT_POLICIES, f"remat_policy must be one of {REMAT_POLICIES}")
         _check(self.dtype in DTYPES and self.param_dtype in DTYPES, f"dtypes must be in {DTYPES}")
         _check(self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size")
@@ -134,6 +142,12 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head: vocab_size rounded up to vocab_pad_multiple."""
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def vision_has_cls(self) -> bool:
@@ -203,6 +217,8 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         d = dict(d)
+        if "attention_impl" in d and d["attention_impl"] is None:
+            d["attention_impl"] = "auto"  # runs saved before the backends had names
         for key in ("dci_ranges",):
             if key in d:
                 d[key] = tuple(tuple(r) for r in d[key])

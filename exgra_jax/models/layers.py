@@ -1,13 +1,15 @@
 """Building blocks shared by the vision tower and the LLM: dtypes, dense layers with logical
-axis names, attention through ``jax.nn.dot_product_attention``, remat policies."""
+axis names, attention backends chosen by name (XLA, cuDNN, Pallas splash), remat policies."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -75,29 +77,225 @@ class Dense(nn.Module):
         return jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
 
 
+# ============================================================================ attention
+GPU_PLATFORMS = ("gpu", "cuda")
+SPLASH_BLOCKS = (512, 256, 128)  # tried in order; the kernel's tiles are multiples of 128
+
+
+def attention_platform() -> str:
+    """The platform being compiled for: the devices of the mesh in context (an AOT compile
+    for a TPU topology runs on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+def _cudnn_problem(dtype, head_dim: int) -> str | None:
+    """Why cuDNN's fused attention with segment ids cannot run here (None: it can)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN flash attention computes in bfloat16 or float16, not {jnp.dtype(dtype)}"
+    if head_dim % 8 or head_dim > 256:
+        return f"cuDNN flash attention needs head_dim <= 256 and a multiple of 8, got {head_dim}"
+    gpus = [d for d in jax.local_devices() if d.platform in GPU_PLATFORMS]
+    capability = getattr(gpus[0], "compute_capability", "0.0") if gpus else "0.0"
+    if tuple(int(x) for x in capability.split(".")) < (9, 0):
+        return ("cuDNN's segment-id (packed) layout needs a Hopper or later GPU (compute "
+                f"capability >= 9.0), got {capability}")
+    return None
+
+
+def resolve_attention_impl(impl: str, *, platform: str, dtype, head_dim: int,
+                           seq_len: int) -> str:
+    """``model.attention_impl`` -> the backend that runs: 'xla', 'cudnn' or 'splash'.
+
+    'auto' takes splash on TPU (when whole 128-token blocks tile the sequence), cuDNN on a
+    GPU where it can run (half precision, head_dim, Hopper), XLA elsewhere. An explicit
+    choice that cannot run here fails with the reason. Splash on the CPU runs in Pallas
+    interpret mode (for tests: slow, exact).
+    """
+    if impl == "auto":
+        if platform == "tpu" and seq_len % SPLASH_BLOCKS[-1] == 0:
+            return "splash"
+        if platform in GPU_PLATFORMS and _cudnn_problem(dtype, head_dim) is None:
+            return "cudnn"
+        return "xla"
+    if impl == "cudnn":
+        if platform not in GPU_PLATFORMS:
+            raise ValueError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but this "
+                             f"compiles for {platform!r}; use 'xla' or 'auto'")
+        problem = _cudnn_problem(dtype, head_dim)
+        if problem:
+            raise ValueError(f"model.attention_impl='cudnn': {problem}; use 'xla' or 'auto'")
+    elif impl == "splash":
+        if platform not in ("tpu", "cpu"):
+            raise ValueError(f"model.attention_impl='splash' is a TPU kernel, but this "
+                             f"compiles for {platform!r}; use 'cudnn', 'xla' or 'auto'")
+        splash_block_size(seq_len)
+    elif impl != "xla":
+        raise ValueError(f"unknown attention_impl {impl!r}; choose auto, xla, cudnn or splash")
+    return impl
+
+
 def attention(
     q_btnh: jax.Array,
     k_bskh: jax.Array,
     v_bskh: jax.Array,
-    mask_bts: jax.Array | None,
     *,
-    is_causal: bool = False,
-    implementation: str | None = None,
+    impl: str,
+    segment_ids_bt: jax.Array | None = None,
+    causal: bool = False,
+    positions_bt: jax.Array | None = None,
+    sliding_window: int = 0,
 ) -> jax.Array:
-    """Scaled dot-product attention with grouped-query heads.
+    """Self-attention with grouped-query heads through the backend ``impl`` (resolved).
 
-    Routed through ``jax.nn.dot_product_attention`` so XLA's fused kernels (cuDNN on GPU)
-    are used where available; on the CPU it is the exact XLA computation.
+    A token sees only keys with its own segment id (packed rows; padding is segment 0, a
+    segment of its own, so no query row is ever empty: every backend stays finite in the
+    forward and backward pass). ``causal`` adds the causal mask; ``sliding_window`` keeps
+    the last ``sliding_window`` positions (XLA reads ``positions_bt``; the fused kernels
+    use array indices, which agree within a segment). Fused backends get segment ids,
+    never a dense mask.
     """
+    if impl == "xla":
+        mask = None
+        if segment_ids_bt is not None:
+            mask = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+        if sliding_window:
+            window = sliding_window_mask(positions_bt, positions_bt, sliding_window)
+            mask = window if mask is None else mask & window
+        return dense_attention(q_btnh, k_bskh, v_bskh, mask, causal=causal)
+    if impl == "cudnn":
+        return cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, causal=causal,
+                               sliding_window=sliding_window)
+    if impl == "splash":
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones(q_btnh.shape[:2], jnp.int32)
+        return splash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, causal=causal,
+                                sliding_window=sliding_window)
+    raise ValueError(f"attention: impl must be resolved to xla, cudnn or splash, got {impl!r}")
+
+
+def dense_attention(q_btnh, k_bskh, v_bskh, mask_bts: jax.Array | None, *,
+                    causal: bool = False) -> jax.Array:
+    """XLA's attention with a dense boolean mask (True: key s is visible to query t)."""
     mask = None if mask_bts is None else mask_bts[:, None, :, :]
-    return jax.nn.dot_product_attention(
-        q_btnh,
-        k_bskh,
-        v_bskh,
-        mask=mask,
-        is_causal=is_causal,
-        implementation=implementation,
+    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, is_causal=causal,
+                                        implementation="xla")
+
+
+def segment_runs(segment_ids_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Runs of equal segment ids as cuDNN's packed layout wants them: (lengths [b, t],
+    offsets [b, t + 1]) with each row's runs first and -1 after. Padding (id 0) forms runs
+    of its own, so every token belongs to a run. Up to t runs per row fit."""
+    b, t = segment_ids_bt.shape
+    is_start = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    n_runs = jnp.sum(is_start, axis=1, keepdims=True)
+    # Starts of each row's runs, then t (the row's end) in every slot after the last run.
+    starts = jax.vmap(lambda s: jnp.nonzero(s, size=t + 1, fill_value=t)[0])(is_start)
+    slot = jnp.arange(t + 1)[None, :]
+    lengths = jnp.where(slot[:, :-1] < n_runs, jnp.diff(starts, axis=1), -1)
+    offsets = jnp.where(slot < n_runs, starts, -1)
+    return lengths.astype(jnp.int32), offsets.astype(jnp.int32)
+
+
+def cudnn_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt: jax.Array | None, *,
+                    causal: bool, sliding_window: int = 0) -> jax.Array:
+    """cuDNN flash attention. With segment ids, each run of equal ids is a sequence of
+    cuDNN's packed (ragged) layout; jax 0.10 exposes that layout only in its cuDNN module,
+    ``jax.nn.dot_product_attention`` takes sequence lengths alone."""
+    if segment_ids_bt is None:
+        window = (sliding_window - 1, 0) if sliding_window else None
+        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, is_causal=causal,
+                                            local_window_size=window, implementation="cudnn")
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
+
+    lengths, offsets = segment_runs(segment_ids_bt)
+    return cudnn.dot_product_attention(
+        q_btnh, k_bskh, v_bskh, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+        kv_offsets=offsets, scale=q_btnh.shape[-1] ** -0.5,
+        mask_type=cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING,
+        sliding_window_length=sliding_window or None)
+
+
+def splash_block_size(seq_len: int) -> int:
+    for block in SPLASH_BLOCKS:
+        if seq_len % block == 0:
+            return block
+    raise ValueError(
+        f"splash attention tiles the sequence in blocks of {SPLASH_BLOCKS}: the sequence "
+        f"length {seq_len} must be a multiple of 128; set data.max_len to a multiple of 128 "
+        "or model.attention_impl='xla'")
+
+
+def splash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt: jax.Array, *, causal: bool,
+                     sliding_window: int = 0) -> jax.Array:
+    """Pallas splash attention (TPU; Pallas interpret mode on the CPU) with segment ids.
+
+    Under a mesh the kernel runs per shard (``shard_map``): batch and heads split as the
+    logical axis rules place ``activation_batch`` and ``activation_heads``; the sequence
+    stays whole.
+    """
+    kv_heads = k_bskh.shape[2]
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(q_btnh, k_bskh, v_bskh, segment_ids_bt, causal=causal,
+                             sliding_window=sliding_window)
+    batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(
+        ("activation_batch", None, "activation_heads", None))
+    head_split = _mesh_axes_size(mesh, head_axes)
+    if kv_heads % head_split:
+        raise ValueError(
+            f"splash attention splits heads over mesh axes {head_axes} (size {head_split}), "
+            f"which must divide num_kv_heads={kv_heads}; change the mesh or use "
+            "model.attention_impl='xla'")
+    heads = jax.sharding.PartitionSpec(batch_axes, None, head_axes, None)
+    seg = jax.sharding.PartitionSpec(batch_axes, None)
+    local = functools.partial(_splash_local, causal=causal, sliding_window=sliding_window)
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, seg),
+                         out_specs=heads, check_vma=False)(q_btnh, k_bskh, v_bskh,
+                                                           segment_ids_bt)
+
+
+def _mesh_axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def _splash_local(q_btnh, k_bskh, v_bskh, segment_ids_bt, *, causal: bool,
+                  sliding_window: int) -> jax.Array:
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+        splash_attention_kernel as splash,
     )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+        splash_attention_mask as masks,
+    )
+
+    _, t, n, hd = q_btnh.shape
+    block = splash_block_size(t)
+    if sliding_window:  # key j visible to query i when i - window < j <= i
+        mask = masks.LocalMask((t, t), window_size=(sliding_window - 1, 0), offset=0)
+    elif causal:
+        mask = masks.CausalMask((t, t))
+    else:
+        mask = masks.FullMask((t, t))
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(
+        masks.MultiHeadMask([mask] * n), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+        interpret=attention_platform() == "cpu")
+
+    def one_row(q_nth, k_kth, v_kth, seg_t):
+        return kernel(q_nth, k_kth, v_kth, segment_ids=splash.SegmentIds(seg_t, seg_t))
+
+    # The kernel takes heads first and does not scale the logits.
+    to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    out = jax.vmap(one_row)(to_heads(q_btnh * jnp.asarray(hd ** -0.5, q_btnh.dtype)),
+                            to_heads(k_bskh), to_heads(v_bskh), segment_ids_bt)
+    return to_heads(out)
 
 
 def sliding_window_mask(q_positions_bt: jax.Array, k_positions_bs: jax.Array,

@@ -20,13 +20,19 @@ from exgra_jax.models.layers import (
     Dense,
     RMSNorm,
     attention,
+    attention_platform,
     constrain,
+    dense_attention,
     dtype_of,
     maybe_remat,
+    resolve_attention_impl,
     sliding_window_mask,
 )
 
 ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
+# Logits of the padded vocabulary rows: exp() underflows to exactly 0 and, unlike -inf,
+# 0 * MASKED_LOGIT stays finite, so log-softmax, entropies and sampling never see NaN.
+MASKED_LOGIT = -1e9
 
 
 class KVCache(NamedTuple):
@@ -62,7 +68,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, mask_bts, cache, cache_index):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_mask_bts, cache, cache_index):
         cfg = self.config
         hd = cfg.resolved_head_dim
         kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
@@ -73,15 +79,19 @@ class Attention(nn.Module):
                       ("activation_batch", "activation_length", "activation_heads", None))
         k = rotary(k, positions_bt, cfg.rope_theta)
         if cache is None:
-            # Causal over the sequence itself; mask_bts only removes padded keys.
-            out = attention(q, k, v, mask_bts, is_causal=True, implementation=cfg.attention_impl)
+            # Initialisation only needs shapes (its dummy sequence fits no kernel's tiles).
+            chosen = "xla" if self.is_initializing() else cfg.attention_impl
+            impl = resolve_attention_impl(chosen, platform=attention_platform(),
+                                          dtype=dtype_of(cfg.dtype), head_dim=hd,
+                                          seq_len=x_btd.shape[1])
+            out = attention(q, k, v, impl=impl, segment_ids_bt=segment_ids_bt, causal=True,
+                            positions_bt=positions_bt, sliding_window=cfg.sliding_window)
             new_cache = None
-        else:
+        else:  # incremental decoding keeps XLA with the cache's own mask
             ck, cv = cache
             ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
             cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-            out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask_bts,
-                            implementation=cfg.attention_impl)
+            out = dense_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), cache_mask_bts)
             new_cache = (ck, cv)
         out = Dense(
             (cfg.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="o", **kw
@@ -109,11 +119,12 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, mask_bts, cache, cache_index):
+    def __call__(self, x_btd, positions_bt, segment_ids_bt, cache_mask_bts, cache, cache_index):
         cfg = self.config
         norm = dict(eps=cfg.rms_eps, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         h = RMSNorm(name="input_norm", **norm)(x_btd)
-        h, new_cache = Attention(cfg, name="attn")(h, positions_bt, mask_bts, cache, cache_index)
+        h, new_cache = Attention(cfg, name="attn")(h, positions_bt, segment_ids_bt,
+                                                   cache_mask_bts, cache, cache_index)
         x_btd = constrain(x_btd + h, ACT_AXES)
         h = RMSNorm(name="post_attn_norm", **norm)(x_btd)
         x_btd = constrain(x_btd + MLP(cfg, name="mlp")(h), ACT_AXES)
@@ -131,7 +142,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = self.param(
             "embed_tokens",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-            (cfg.vocab_size, cfg.hidden_size),
+            (cfg.padded_vocab_size, cfg.hidden_size),
             pdt,
         )
         layer_cls = maybe_remat(DecoderLayer, cfg.remat_policy, scanned=cfg.scan_layers)
@@ -140,7 +151,7 @@ class LlamaModel(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
@@ -148,7 +159,7 @@ class LlamaModel(nn.Module):
             self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_eps, dt, pdt, name="norm")
         if not cfg.tie_embeddings:
-            self.lm_head = Dense((cfg.vocab_size,), ("embed", "vocab"), name="lm_head",
+            self.lm_head = Dense((cfg.padded_vocab_size,), ("embed", "vocab"), name="lm_head",
                                  dtype=dt, param_dtype=pdt)
 
     def embed(self, input_ids_bt: jax.Array) -> jax.Array:
@@ -168,8 +179,9 @@ class LlamaModel(nn.Module):
         """Embeddings -> final normed hidden states (and the updated cache).
 
         Without a cache the sequence attends causally to itself, padded keys removed;
-        ``segment_ids_bt`` (packed sequences) further limits each token to the keys of its
-        own segment.
+        ``segment_ids_bt`` (packed sequences; 0 = padding) further limits each token to the
+        keys of its own segment. The attention backend is ``config.attention_impl``; it gets
+        segment ids (padding = segment 0), never a dense mask.
         With a cache, x is written at ``cache_index``; ``cache_mask_bs`` marks the valid
         keys of the whole cache (prompt padding excluded), and queries see keys up to
         their own index.
@@ -181,10 +193,10 @@ class LlamaModel(nn.Module):
             positions_bt = positions_from_mask(attention_mask_bt)
         x_btd = constrain(x_btd.astype(dtype_of(self.config.dtype)), ACT_AXES)
         if cache is None:
-            mask = attention_mask_bt.astype(bool)[:, None, :]  # [b, 1, s]: padded keys
-            if segment_ids_bt is not None:
-                mask = mask & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
-            key_positions = positions_bt
+            real = attention_mask_bt.astype(bool)
+            segments = real.astype(jnp.int32) if segment_ids_bt is None else jnp.where(
+                real, segment_ids_bt.astype(jnp.int32), 0)
+            mask = None
             layer_caches = None
         else:
             if cache_mask_bs is None or segment_ids_bt is not None:
@@ -194,20 +206,21 @@ class LlamaModel(nn.Module):
             mask = (jnp.arange(s)[None, :] <= q_idx[:, None])[None] & cache_mask_bs.astype(
                 bool
             )[:, None, :]
-            # The cache's valid slots hold consecutive positions (padding excluded).
-            key_positions = positions_from_mask(cache_mask_bs)
+            if self.config.sliding_window:
+                # The cache's valid slots hold consecutive positions (padding excluded).
+                mask = mask & sliding_window_mask(positions_bt, positions_from_mask(cache_mask_bs),
+                                                  self.config.sliding_window)
+            segments = None
             layer_caches = (cache.k, cache.v)
-        if self.config.sliding_window:
-            mask = mask & sliding_window_mask(positions_bt, key_positions,
-                                              self.config.sliding_window)
 
         if self.config.scan_layers:
-            x_btd, new = self.layers(x_btd, positions_bt, mask, layer_caches, cache_index)
+            x_btd, new = self.layers(x_btd, positions_bt, segments, mask, layer_caches,
+                                     cache_index)
         else:
             new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
                 lc = None if cache is None else (cache.k[i], cache.v[i])
-                x_btd, nc = layer(x_btd, positions_bt, mask, lc, cache_index)
+                x_btd, nc = layer(x_btd, positions_bt, segments, mask, lc, cache_index)
                 if nc is not None:
                     new_k.append(nc[0])
                     new_v.append(nc[1])
@@ -216,14 +229,18 @@ class LlamaModel(nn.Module):
         return h, (None if new is None else KVCache(*new))
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
-        """Final hidden states -> float32 logits [b, t, vocab]."""
-        if self.config.tie_embeddings:
+        """Final hidden states -> float32 logits [b, t, padded_vocab_size]; the padded rows
+        read MASKED_LOGIT, so losses, argmax and sampling never pick them."""
+        cfg = self.config
+        if cfg.tie_embeddings:
             w = self.embed_tokens.astype(h_btd.dtype)
             out = jnp.einsum("btd,vd->btv", h_btd, w)
         else:
             out = self.lm_head(h_btd)
-        return constrain(out.astype(jnp.float32),
-                         ("activation_batch", "activation_length", "activation_vocab"))
+        out = out.astype(jnp.float32)
+        if cfg.padded_vocab_size != cfg.vocab_size:
+            out = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, out, MASKED_LOGIT)
+        return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
     def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None):
         h, _ = self.decode(self.embed(input_ids_bt), attention_mask_bt, positions_bt)

@@ -35,7 +35,8 @@ def get_config(arg: str | None = None):
     arg, mini = split_arg(arg)
     root = arg or "data/llava_med"
     c = base_config("llava_med_7b", dtype="bfloat16", param_dtype="float32",
-                    remat_policy="full", scan_layers=True)
+                    remat_policy="full", scan_layers=True,
+                    vocab_pad_multiple=128)  # 32004 -> 32128 rows: any tensor axis splits it
     c.data.json_paths = (os.path.join(root, "llava_med_instruct_60k_inline_mention_long.json"),)
     c.data.image_folder = os.path.join(root, "images")
     c.tokenizer = os.path.join(root, "tokenizer")

@@ -140,7 +140,8 @@ def finetune_vqa_config(tfds_name: str, arg: str | None, *, lr: float, batch: in
     arg, mini = split_arg(arg)
     tfds_dir, vqa_json = (arg or f"data/tfds,data/{tfds_name}").split(",")
     c = base_config("llava_med_7b", dtype="bfloat16", param_dtype="float32",
-                    remat_policy="full", scan_layers=True)
+                    remat_policy="full", scan_layers=True,
+                    vocab_pad_multiple=128)  # 32004 -> 32128 rows: any tensor axis splits it
     c.data.json_paths = ()
     c.data.tfds_name = tfds_name
     c.data.tfds_split = "train"

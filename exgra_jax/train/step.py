@@ -12,6 +12,10 @@ The alignment's text branches through the LLM are mostly padding (short answers,
 lengths), so the answer-only sequences of each batch shard are packed into a few rows
 (first-fit decreasing, one segment per sequence, positions restarting at 0) and run as one
 LLM call; a batch that does not fit runs padded instead. Both give the same vectors.
+
+A batch is padded (one example per row) or packed (several per row, data/packing.py): the
+LM loss then stays within segments, and every example with an image is one alignment
+node, its padding slots masked out of the graphs (`alignment_nodes`).
 """
 
 from __future__ import annotations

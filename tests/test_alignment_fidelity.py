@@ -7,6 +7,7 @@ import pathlib
 import re
 
 from exgra_jax.alignment.objective import AlignmentConfig
+from exgra_jax.train import trainer
 from exgra_jax.train.defaults import base_config
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -40,5 +41,5 @@ def test_stage2_config_ships_the_documented_alignment_settings():
     assert c.alignment.enabled
     for name, value in documented_defaults().items():
         assert c.alignment[name] == value, f"stage2_7b.py alignment.{name}"
-    # 64 samples per step make 4 graphs of 16, as the original's 4 GPUs x 16.
-    assert c.train.global_batch_size // c.train.micro_batches == 4 * c.alignment.graph_size
+    # A packed step holds at least the original's 4 graphs of 16 (4 GPUs x 16 samples).
+    assert c.data.packing and trainer.examples_per_step(c) >= 4 * c.alignment.graph_size

@@ -20,7 +20,7 @@ from exgra_jax.inference.sampling import greedy, sample
 from exgra_jax.models import config as mc
 from exgra_jax.models.llama import MASKED_LOGIT
 from exgra_jax.models.llava import LlavaModel
-from exgra_jax.train.step import lm_loss_sums
+from exgra_jax.train.step import lm_loss_sums, supervised_positions
 
 VOCAB, MULTIPLE, PADDED = 131, 64, 192  # 131 rounded up to a multiple of 64
 
@@ -123,9 +123,10 @@ def test_loss_argmax_and_sampling_ignore_padded_rows(hf_round_trip):
     labels[:, :18] = -100  # image and prompt are not supervised
     logits_p = our_logits(cfg, padded, ids, am, pix)
     logits_u = our_logits(cfg.replace(vocab_pad_multiple=1), unpadded, ids, am, pix)
-    ones = jnp.ones((ids.shape[0],), jnp.int32)
-    nll_p, n_p = lm_loss_sums(jnp.asarray(logits_p), jnp.asarray(labels), ones)
-    nll_u, n_u = lm_loss_sums(jnp.asarray(logits_u), jnp.asarray(labels), ones)
+    valid = supervised_positions({"labels": jnp.asarray(labels),
+                                  "example_mask": jnp.ones((ids.shape[0],), jnp.int32)})
+    nll_p, n_p = lm_loss_sums(jnp.asarray(logits_p), jnp.asarray(labels), valid)
+    nll_u, n_u = lm_loss_sums(jnp.asarray(logits_u), jnp.asarray(labels), valid)
     assert float(n_p) == float(n_u) > 0
     np.testing.assert_allclose(float(nll_p), float(nll_u), rtol=1e-6)
     flat = jnp.asarray(logits_p.reshape(-1, PADDED))

@@ -44,7 +44,7 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
         # train.global_batch_size counts rows. tools/benchmarks/packing.py measures a data
         # mix and prints the per-row limits and the mean examples per row, which turns
         # train.num_epochs into steps.
-        packing=False, images_per_row=1, examples_per_row=1, mean_examples_per_row=0.0,
+        packing=False, images_per_row=6, examples_per_row=8, mean_examples_per_row=0.0,
     ))
     # DICOM / NIfTI to RGB (exgra_jax.data.medical_image.MedicalImageOptions): window is a
     # CT preset (brain, subdural, stroke, soft_tissue, abdomen, mediastinum, liver, lung,

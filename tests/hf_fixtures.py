@@ -84,6 +84,19 @@ def llava(seed: int = 0, vision=None, text=None, text_model: str = "llama",
     return _random_model(LlavaForConditionalGeneration, cfg, seed)
 
 
+def exported_llava(tmp_path_factory, seed: int = 3):
+    """(our config, our params, the directory save_llava wrote them to) of a randomized
+    tiny llava-hf model loaded by load_llava: our export, for transformers to reload."""
+    from exgra_jax.convert import hf  # noqa: PLC0415
+
+    src = str(tmp_path_factory.mktemp("src"))
+    llava(seed=seed).save_pretrained(src)
+    cfg, params = hf.load_llava(src)
+    out = str(tmp_path_factory.mktemp("export"))
+    hf.save_llava(cfg, params, out)
+    return cfg, params, out
+
+
 def mistral_tokenizer_dir(out_dir: str) -> str:
     """Mistral-7B's sentencepiece tokenizer, shipped by mistral-common (tokenizer.model.v1,
     the tokenizer of LLaVA-Med v1.5), as a Hugging Face tokenizer directory. ``legacy``

@@ -12,7 +12,6 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from exgra_jax import parallel
-from exgra_jax.convert import hf
 from exgra_jax.inference import sampling, stopping
 from exgra_jax.inference.generate import (
     GenerationConfig,
@@ -44,12 +43,7 @@ def make_batch(seed=0):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A noise-randomized tiny llava-hf model, exported by save_llava and reloaded by HF."""
-    src = str(tmp_path_factory.mktemp("src"))
-    F.llava(seed=3).save_pretrained(src)
-    cfg, params = hf.load_llava(src)
-    out = str(tmp_path_factory.mktemp("export"))
-    hf.save_llava(cfg, params, out)
-    return cfg, params, out
+    return F.exported_llava(tmp_path_factory, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from train_fixtures import random_batch, tiny_config
 from transformers import LlavaForConditionalGeneration
 
 from exgra_jax import parallel
-from exgra_jax.convert import hf
 from exgra_jax.convert import peft as peft_export
 from exgra_jax.models.llava import LlavaModel
 from exgra_jax.models.lora import (
@@ -74,12 +73,7 @@ def adapters_for(cfg, lcfg, seed=0, b_std=0.0):
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
     """(our config, our params, the base exported by save_llava, loaded in transformers)."""
-    src = str(tmp_path_factory.mktemp("src"))
-    F.llava(seed=3).save_pretrained(src)
-    cfg, params = hf.load_llava(src)
-    out = str(tmp_path_factory.mktemp("base"))
-    hf.save_llava(cfg, params, out)
-    return cfg, params, out
+    return F.exported_llava(tmp_path_factory, seed=3)
 
 
 def test_zero_b_gives_the_base_model_exactly(hf_base):

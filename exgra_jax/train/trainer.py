@@ -123,9 +123,9 @@ def validate(config, mcfg: ModelConfig, acfg: AlignmentConfig | None, mesh) -> N
         raise ValueError(f"data.max_len={config.data.max_len} exceeds model.max_positions="
                          f"{mcfg.max_positions}")
     if acfg is not None:  # one alignment node per example (per example slot when packed)
-        packing = config.data.get("packing", False)
-        slots = config.data.examples_per_row if packing else 1
-        graph_count(acfg, t.global_batch_size // t.micro_batches * slots, shards, packing)
+        slots = _per_row(config)[1]
+        graph_count(acfg, t.global_batch_size // t.micro_batches * slots, shards,
+                    config.data.get("packing", False))
     if config.eval.select_metric and not config.eval.json_paths:
         raise ValueError("eval.select_metric needs a validation set: set eval.json_paths, or "
                          "--config.eval.select_metric='' to train without best-step selection")

@@ -16,9 +16,11 @@ Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU siz
 (``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
-from exgra_jax.train.defaults import finetune_vqa_config
+from exgra_jax.config_paths import load_sibling
+
+RECIPE = load_sibling(__file__, "finetune_vqa_recipe")
 
 
 def get_config(arg: str | None = None):
-    return finetune_vqa_config("path_vqa", arg, lr=3e-5, batch=64, eval_split="validation",
-                               eval_every=500)
+    return RECIPE.finetune_vqa_config("path_vqa", arg, lr=3e-5, batch=64, eval_split="validation",
+                                      eval_every=500)

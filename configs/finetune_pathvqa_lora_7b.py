@@ -13,13 +13,15 @@ default: ``--config.lora.dropout=0.05``. Evaluation at any step, ``to-hf`` and
 ``init.source=workdir`` read such a workdir as the merged model.
 """
 
+from exgra_jax.config_paths import load_sibling
 from exgra_jax.models.lora import ATTENTION_AND_PROJECTOR
-from exgra_jax.train.defaults import finetune_vqa_config
 from exgra_jax.train.state import use_lora
+
+RECIPE = load_sibling(__file__, "finetune_vqa_recipe")
 
 
 def get_config(arg: str | None = None):
-    c = finetune_vqa_config("path_vqa", arg, lr=2e-4, batch=64, eval_split="validation",
-                            eval_every=500)
+    c = RECIPE.finetune_vqa_config("path_vqa", arg, lr=2e-4, batch=64, eval_split="validation",
+                                   eval_every=500)
     use_lora(c, ATTENTION_AND_PROJECTOR, rank=16, alpha=32.0, base_dtype="bfloat16")
     return c

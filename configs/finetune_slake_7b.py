@@ -16,9 +16,11 @@ Adding ``mini`` to the argument (``:ARGS,mini``) runs the same recipe at CPU siz
 (``exgra_jax.train.miniature``); CI runs it end to end.
 """
 
-from exgra_jax.train.defaults import finetune_vqa_config
+from exgra_jax.config_paths import load_sibling
+
+RECIPE = load_sibling(__file__, "finetune_vqa_recipe")
 
 
 def get_config(arg: str | None = None):
-    return finetune_vqa_config("slake", arg, lr=4e-5, batch=128, eval_split="validation",
-                               eval_every=100)
+    return RECIPE.finetune_vqa_config("slake", arg, lr=4e-5, batch=128, eval_split="validation",
+                                      eval_every=100)

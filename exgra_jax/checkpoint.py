@@ -48,7 +48,9 @@ class CheckpointMismatchError(ValueError):
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, save_concurrent_gb: int = 96):
+        """``save_concurrent_gb``: how many GB orbax may be writing at once (its default,
+        96, favours speed; a host converting a whole model lowers it to bound its memory)."""
         # orbax wants absolute local paths; URLs (gs://...) pass through unchanged.
         directory = paths.absolute(directory)
         self.directory = directory
@@ -60,7 +62,7 @@ class Checkpointer:
             directory,
             options=options,
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
+                "state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
                 "data": grain.checkpoint.CheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },

@@ -10,6 +10,7 @@ names the config field to fix.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from exgra_jax import paths
 
@@ -102,12 +103,25 @@ def absolutize_config_paths(config) -> None:
             parent[leaf] = paths.absolute(str(value))
 
 
-def load_config_file(spec: str):
-    """``get_config(arg)`` of ``path[:arg]``, as the ``--config`` flag of launch/*.py reads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("exgra_config_file", path)
+def _load_module(path: str, name: str):
+    module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise FileNotFoundError(f"cannot load config file {path}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def load_config_file(spec: str):
+    """``get_config(arg)`` of ``path[:arg]``, as the ``--config`` flag of launch/*.py reads it."""
+    path, _, arg = spec.partition(":")
+    module = _load_module(path, "exgra_config_file")
     return module.get_config(arg) if arg else module.get_config()
+
+
+def load_sibling(config_file: str, name: str):
+    """The module ``name``.py beside ``config_file`` (a config's ``__file__``): how config
+    files share a recipe, loaded by path as the config itself is (configs/ is not a
+    package on the import path)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    return _load_module(path, f"exgra_config_{name}")

@@ -362,9 +362,12 @@ def test_stage2_lora_trains_adapters_and_the_gnn(data_root, stage1, tmp_path):
 
 
 # ------------------------------------------------------------------------------ recipes
-# Every config file but the demo (which is run whole by make demo).
-SHIPPED = tuple(sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
-                       if f.endswith(".py") and f not in ("__init__.py", "demo.py")))
+# Every config file (one with get_config; a shared recipe has none) but the demo (which is
+# run whole by make demo).
+SHIPPED = tuple(sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+    if f.endswith(".py") and f != "demo.py"
+    and "\ndef get_config(" in open(os.path.join(REPO, "configs", f)).read()))
 # The only fields a miniature may change: sizes, lengths, batch, steps.
 SIZE_FIELDS = {
     *(f"model.{k}" for k in (*MINI_VISION, *MINI_TEXT, "num_kv_heads", "dci_ranges",

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from exgra_jax.checkpoint import Checkpointer
@@ -80,6 +82,7 @@ def test_the_trainer_checks_paths_before_loading_anything(data_dir, tmp_path, mo
 def test_an_evaluation_failure_keeps_the_final_checkpoint_and_a_rerun_reports(
         data_dir, tmp_path, monkeypatch):
     from exgra_jax.train import trainer
+    from exgra_jax.train.evaluators import LMLoss
 
     def broken_eval(*args, **kwargs):
         raise RuntimeError("evaluation broke")
@@ -88,7 +91,7 @@ def test_an_evaluation_failure_keeps_the_final_checkpoint_and_a_rerun_reports(
     config.train.checkpoint_every = 1000  # only the final step is saved
     workdir = str(tmp_path / "run")
     with monkeypatch.context() as m:
-        m.setattr(trainer, "evaluate_lm", broken_eval)
+        m.setattr(LMLoss, "evaluate", broken_eval)
         with pytest.raises(RuntimeError, match="evaluation broke"):
             trainer.train_and_evaluate(config, workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
@@ -100,3 +103,50 @@ def test_an_evaluation_failure_keeps_the_final_checkpoint_and_a_rerun_reports(
     assert done["step"] == config.train.total_steps and "eval" in done
     saved = json.load(open(os.path.join(workdir, "final_metrics.json")))
     assert trainer.train_and_evaluate(config, workdir) == saved
+
+
+class ParamNorms:
+    """A plug-in evaluator: the squared norm of the model params it is handed, per step."""
+
+    name = "norms"
+
+    def __init__(self):
+        self.seen: dict[int, float] = {}
+
+    def evaluate(self, step, params, context):
+        del context
+        leaves = jax.tree.leaves(jax.device_get(params["model"]))
+        self.seen[step] = float(sum(np.sum(np.square(x, dtype=np.float64)) for x in leaves))
+        return {"sq_norm": self.seen[step]}
+
+    def final(self):
+        return {"norm_steps": sorted(self.seen)}
+
+
+@pytest.mark.slow
+def test_a_plugged_in_evaluator_sees_each_evaluated_steps_params(data_dir, tmp_path):
+    from exgra_jax.models.llava import abstract_params
+    from exgra_jax.train import trainer
+    from exgra_jax.train.evaluators import LMLoss
+
+    config = loop_config(data_dir)
+    config.train.eval_every = 2
+    workdir = str(tmp_path / "run")
+    norms = ParamNorms()
+    result = trainer.train_and_evaluate(config, workdir, evaluators=[norms])
+    # Called at steps 2, 4, 6 after the configured LM loss, with the params that step
+    # saved: the reference is each checkpoint read back from disk.
+    assert sorted(norms.seen) == [2, 4, 6] and result["norm_steps"] == [2, 4, 6]
+    assert "lm_loss" in result["eval"] and result["norms"]["sq_norm"] == norms.seen[6]
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    abstract = {"model": abstract_params(trainer.model_config(config))}  # host numpy
+    for step, value in norms.seen.items():
+        saved = ckpt.restore_params(step, abstract)["model"]
+        expected = sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(saved))
+        assert value == pytest.approx(expected, rel=1e-12)
+    ckpt.close()
+    assert len({round(v, 6) for v in norms.seen.values()}) == 3  # training moved the params
+    with pytest.raises(ValueError, match="unique"):
+        trainer.train_and_evaluate(config, str(tmp_path / "again"),
+                                   evaluators=[LMLoss(iter, 0)])  # a second "eval"
+

@@ -22,6 +22,7 @@ release's own template is checked against the config's).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -145,7 +146,12 @@ def from_hf(args) -> str:
                   file=sys.stderr)
     run = trainer.build(config, total_steps=max(int(config.train.total_steps), 1))
     state = trainer.init_train_state(run)
-    ckpt = Checkpointer(paths.join(args.out, "checkpoints"), async_save=False)
+    # Writing about one leaf at a time keeps the save's buffers small beside the state it
+    # writes (orbax needs room for the largest; peak host memory of from-hf:
+    # tools/benchmarks/convert_memory.py).
+    largest = max(x.nbytes for x in jax.tree.leaves(state))
+    ckpt = Checkpointer(paths.join(args.out, "checkpoints"), async_save=False,
+                        save_concurrent_gb=max(1, math.ceil(largest / 1e9)))
     if ckpt.latest_step() is not None:
         raise SystemExit(f"{args.out} already holds checkpoints; choose a new --out")
     ckpt.save(0, state, None, trainer.run_meta(run), force=True)
@@ -155,7 +161,9 @@ def from_hf(args) -> str:
         shutil.copytree(args.hf_dir, os.path.join(args.out, "hf_source_tokenizer"),
                         ignore=shutil.ignore_patterns("*.safetensors", "*.bin"),
                         dirs_exist_ok=True)
-    print(f"wrote {args.out} (step 0, {jax.device_count()} devices) from {args.format}")
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    print(f"wrote {args.out} (step 0, {jax.device_count()} devices, train state of "
+          f"{state_bytes} bytes) from {args.format}")
     return args.out
 
 

@@ -147,7 +147,6 @@ def make_source(cfg: DataConfig):
         cfg.image_folder,
         fraction=cfg.fraction,
         seed=cfg.seed,
-        max_bad_fraction=cfg.max_bad_fraction,
         allow_outside_image_folder=cfg.allow_outside_image_folder,
     )
 

@@ -236,8 +236,8 @@ class JsonSource:
     reads only a byte-span index per file (`indexed_json`, built on first use), so
     start-up does not grow with the data set. Each record is parsed, normalized and checked
     when it is read: a malformed record raises RecordError there (with its id), which the
-    pipeline counts as a skip and holds against `max_bad_fraction` (so this source's own
-    `report` stays empty and `max_bad_fraction` is not used here). Image names are joined
+    pipeline counts as a skip and holds against its `max_bad_fraction` (so this source's
+    own `report` stays empty). Image names are joined
     with `image_folder` then, through `resolve_image_path`: a name leading outside the
     folder raises RecordError (unless `allow_outside_image_folder`); whether the file exists
     is found on decoding.
@@ -249,12 +249,10 @@ class JsonSource:
         image_folder: str | None = None,
         fraction: float = 1.0,
         seed: int = 0,
-        max_bad_fraction: float = 0.05,
         allow_outside_image_folder: bool = False,
         cache_dir: str | None = None,
     ):
         paths = [paths] if isinstance(paths, str) else list(paths)
-        del max_bad_fraction  # applied by the pipeline to the records it reads
         indexed = [indexed_json(path, cache_dir) for path in paths]
         self._files = [local for local, _ in indexed]
         self._spans = [spans for _, spans in indexed]

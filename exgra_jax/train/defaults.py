@@ -11,12 +11,40 @@ import dataclasses
 import ml_collections
 
 from exgra_jax.alignment.objective import AlignmentConfig
+from exgra_jax.data.medical_image import MedicalImageOptions
+from exgra_jax.data.pipeline import DataConfig
 from exgra_jax.models import config as mc
 from exgra_jax.parallel import DEFAULT_RULES
+
+# DataConfig fields that do not come from config.data: the image geometry and normalisation
+# follow the model config, the batch and the number of passes the launcher (per host).
+DATA_SET_ELSEWHERE = ("image_size", "vision_type", "num_image_tokens", "batch_size",
+                      "num_epochs")
 
 
 def _dataclass_dict(obj) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dataclasses.asdict(obj))
+
+
+def config_defaults(cls, skip: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """A dataclass's fields and defaults as config fields. A None default (an optional
+    value) becomes '' for a string and a typed placeholder for an int, since a
+    ``--config.a.b=value`` flag needs the field's type."""
+    out = ml_collections.ConfigDict()
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        value = f.default
+        if value is None:
+            kind = str(f.type)
+            if "int" in kind:
+                value = ml_collections.config_dict.placeholder(int)
+            elif "str" in kind:
+                value = ""
+            else:
+                raise TypeError(f"{cls.__name__}.{f.name}: no config form for None of {kind}")
+        out[f.name] = value
+    return out
 
 
 def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections.ConfigDict:
@@ -32,29 +60,17 @@ def base_config(model_preset: str = "tiny", **model_overrides) -> ml_collections
     # tokens (train/step.py); 0 runs them padded. A batch that does not fit runs padded.
     c.alignment.text_pack_fraction = 0.25
 
-    # Data (exgra_jax.data.pipeline.DataConfig); image size and image-token count come
-    # from the model config.
-    c.data = ml_collections.ConfigDict(dict(
-        json_paths=(), image_folder="", tfds_name="", tfds_split="train", tfds_data_dir="",
-        template="llava_v0", max_len=2048, response_len=128, caption_len=256,
-        image_aspect="pad", mm_use_im_start_end=True, seed=0, fraction=1.0,
-        max_bad_fraction=0.05, worker_count=0, read_threads=1, shuffle=True,
-        allow_outside_image_folder=False,  # True: image names may leave image_folder
-        # Packing (data/packing.py): several examples per row of max_len tokens; then
-        # train.global_batch_size counts rows. tools/benchmarks/packing.py measures a data
-        # mix and prints the per-row limits and the mean examples per row, which turns
-        # train.num_epochs into steps.
-        packing=False, images_per_row=6, examples_per_row=8, mean_examples_per_row=0.0,
-    ))
-    # DICOM / NIfTI to RGB (exgra_jax.data.medical_image.MedicalImageOptions): window is a
-    # CT preset (brain, subdural, stroke, soft_tissue, abdomen, mediastinum, liver, lung,
-    # wide, bone) or "C,W"; "" uses the file's window, else the percentiles' range.
-    c.data.medical = ml_collections.ConfigDict(dict(
-        window="", channel_windows=(), use_file_window=True, percentiles=(0.0, 100.0),
-        frame=ml_collections.config_dict.placeholder(int),  # None: the middle frame
-        slice_index=ml_collections.config_dict.placeholder(int),  # None: the middle slice
-        axis=-1,
-    ))
+    # Data: DataConfig's fields and defaults (exgra_jax.data.pipeline), less those the model
+    # config and the launcher set; '' is an unset path. With data.packing, several examples
+    # share a row of max_len tokens and train.global_batch_size counts rows;
+    # tools/benchmarks/packing.py measures a data mix and prints the per-row limits and the
+    # mean examples per row, which turns train.num_epochs into steps.
+    c.data = config_defaults(DataConfig, skip=(*DATA_SET_ELSEWHERE, "medical"))
+    c.data.mean_examples_per_row = 0.0
+    # DICOM / NIfTI to RGB (MedicalImageOptions): window is a CT preset (brain, subdural,
+    # stroke, soft_tissue, abdomen, mediastinum, liver, lung, wide, bone) or "C,W"; "" uses
+    # the file's window, else the percentiles' range; frame / slice_index None: the middle.
+    c.data.medical = config_defaults(MedicalImageOptions)
     # A local Hugging Face tokenizer directory; '' with init.source llava_hf/llava_med: the
     # one saved with those weights (init.hf_dir).
     c.tokenizer = ""
@@ -125,52 +141,3 @@ def use_packing(c, *, rows: int, images_per_row: int, examples_per_row: int,
     c.data.mean_examples_per_row = mean_examples_per_row
     c.train.global_batch_size = rows
     c.mesh.tensor = tensor
-
-
-def finetune_vqa_config(tfds_name: str, arg: str | None, *, lr: float, batch: int,
-                        eval_split: str, eval_every: int) -> ml_collections.ConfigDict:
-    """The 7B medical-VQA fine-tuning recipe shared by VQA-RAD, SLAKE and PathVQA: 15 epochs
-    of the autoregressive loss on a stage-2 model, CLIP frozen. ``arg`` is
-    'TFDS_DIR,VQA_JSON_DIR' (the builder's data dir and its exported evaluation JSON),
-    optionally with ',mini' (``exgra_jax.train.miniature``)."""
-    import os  # noqa: PLC0415
-
-    from exgra_jax.train.miniature import shrink, split_arg  # noqa: PLC0415
-
-    arg, mini = split_arg(arg)
-    tfds_dir, vqa_json = (arg or f"data/tfds,data/{tfds_name}").split(",")
-    c = base_config("llava_med_7b", dtype="bfloat16", param_dtype="float32",
-                    remat_policy="full", scan_layers=True,
-                    vocab_pad_multiple=128)  # 32004 -> 32128 rows: any tensor axis splits it
-    c.data.json_paths = ()
-    c.data.tfds_name = tfds_name
-    c.data.tfds_split = "train"
-    c.data.tfds_data_dir = tfds_dir
-    c.init.source = "llava_hf"  # a stage-2 result exported with convert_checkpoint to-hf
-    c.init.hf_dir = "stage2_hf"
-    c.tokenizer = ""  # the one to-hf saved with the weights in init.hf_dir
-
-    c.alignment.enabled = False  # fine-tuning: the autoregressive loss only
-    c.alignment.weight = 0.0
-
-    c.train.trainable = (r"^model/projector/", r"^model/llm/")
-    c.train.frozen = (r"^model/vision_tower/",)
-    c.train.lr = lr
-    c.train.global_batch_size = batch
-    c.train.num_epochs = 15.0
-    c.train.eval_every = eval_every
-
-    c.eval.json_paths = (os.path.join(vqa_json, f"{eval_split}.json"),)
-    c.eval.candidates = os.path.join(vqa_json, "candidate.json")
-    # The image folder prepare.py prints in its summary (VQA_JSON/images for parquet
-    # releases, else the raw image folder): --config.eval.image_folder=...
-    c.eval.image_folder = os.path.join(vqa_json, "images")
-    c.eval.select_metric = SELECT_METRIC
-    c.eval.batch_size = 64
-
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    # VQA examples are ~330 tokens: 6 per 2048-token row (share 0.96, measured by
-    # tools/benchmarks/packing.py); 16 rows hold ~96 examples a step.
-    use_packing(c, rows=max(1, batch // 4), images_per_row=6, examples_per_row=6,
-                mean_examples_per_row=6.0, tensor=4)
-    return shrink(c) if mini else c

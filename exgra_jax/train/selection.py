@@ -25,6 +25,7 @@ from exgra_jax.checkpoint import Checkpointer
 from exgra_jax.eval import metrics
 from exgra_jax.eval.checkpoint_loading import EvalModel, rules_of
 from exgra_jax.eval.vqa import read_vqa, run_vqa
+from exgra_jax.models import lora
 from exgra_jax.workdir import ANSWERS_DIR, BEST_DIR, BEST_JSON
 
 log = logging.getLogger("exgra_jax.train")
@@ -139,13 +140,16 @@ def _from_process_0(values: np.ndarray) -> np.ndarray:
 
 
 class VQASelection:
-    """Answers the validation questions (``config.eval``) with the training params at a
-    step, scores them as ``launch/eval.py`` does, and keeps the best step's params.
+    """An evaluator (``exgra_jax.train.evaluators``): answers the validation questions
+    (``config.eval``) with the training params at a step, scores them as ``launch/eval.py``
+    does, and keeps the best step's params.
 
     Everything that can be wrong with the setting (the expression, the files, a metric the
     validation set cannot produce, a select metric changed on resume) fails here, before
     anything compiles.
     """
+
+    name = "val_vqa"
 
     def __init__(self, config, workdir: str, model_config, tokenizer):
         self.select = parse_select_metric(config.eval.select_metric)
@@ -163,25 +167,29 @@ class VQASelection:
         self.rules = rules_of(config)
         self.best = BestCheckpoint(workdir, self.select)
 
-    def evaluate(self, step: int, params: dict, train_mesh, meta: dict) -> dict[str, float]:
+    def evaluate(self, step: int, params: dict, context) -> dict[str, float]:
         """Scores of ``params`` (the whole training params tree) at ``step``, the select
         value under ``"select"``; saves them as the best when they are. Collective: every
         process generates on the training mesh with the parameters sharded as they train
         (nothing is gathered to a host); process 0 writes and scores the answers."""
+        params = lora.with_adapters(params, context.lora)  # generation uses merged kernels
         out = answers_path(self.workdir, step)
         if jax.process_index() == 0 and paths.exists(out):
             paths.write_text(out, "")  # a restart re-evaluates a step: answer afresh
         name = f"{paths.basename(self.workdir)}@{step}"
-        model = EvalModel(self.model_config, params["model"], self.tokenizer, train_mesh,
+        model = EvalModel(self.model_config, params["model"], self.tokenizer, context.mesh,
                           self.rules, step, name)
         result = run_vqa(self.config, model, out, log=log.debug)
         local = np.array([result[k] if result else 0.0 for k in self.keys], np.float64)
         shared = _from_process_0(local)
         scores = {k: float(v) for k, v in zip(self.keys, shared, strict=True)}
         value = self.select(scores)
-        improved = self.best.update(step, scores, params, meta)
+        improved = self.best.update(step, scores, params, context.checkpoint_meta)
         best = self.best.record
         log.info("step %d: %s=%.4g; best step %d (%.4g)%s", step, self.select.expression,
                  value, best["step"], best["value"], " (new)" if improved else "")
         return {**scores, "select": value, "best_step": float(best["step"]),
                 "best_select": best["value"]}
+
+    def final(self) -> dict[str, Any]:
+        return {"best": self.best.record}

@@ -3,10 +3,10 @@
 ``train_and_evaluate(config, workdir)`` resumes from the newest checkpoint in
 ``workdir/checkpoints`` when there is one (params, optimizer state, step and the data
 iterator of every process), saves every ``checkpoint_every`` steps and on SIGTERM, and
-writes metrics to the console and to TensorBoard event files in ``workdir/tb``. With
-``eval.select_metric`` set it also answers the validation VQA set every ``eval_every``
-steps and at the end, and keeps the best step's params in ``workdir/best``
-(``exgra_jax.train.selection``).
+writes metrics to the console and to TensorBoard event files in ``workdir/tb``. Every
+``eval_every`` steps and at the end it runs its evaluators (``exgra_jax.train.evaluators``):
+the LM loss of the eval set, and with ``eval.select_metric`` the validation VQA set, keeping
+the best step's params in ``workdir/best`` (``exgra_jax.train.selection``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -36,6 +37,7 @@ from exgra_jax.models import lora
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.llava import init_boxed_params
 from exgra_jax.train import state as st
+from exgra_jax.train.evaluators import EvalContext, LMLoss, check_names
 from exgra_jax.train.step import StepConfig, make_eval_step, make_train_step, pack_layout
 from exgra_jax.workdir import CHECKPOINTS, CONFIG_JSON, FINAL_METRICS, TENSORBOARD
 
@@ -56,29 +58,22 @@ def alignment_config(config) -> AlignmentConfig | None:
 
 
 def data_config(config, mcfg: ModelConfig, batch_size: int, *, eval_mode: bool = False):
+    """The pipeline's DataConfig: config.data's fields (base_config takes them from
+    DataConfig), the image geometry from the model, ``batch_size`` rows per host; an eval
+    set is read once, in order, unpacked."""
     from exgra_jax.data.pipeline import DataConfig  # noqa: PLC0415
 
-    d = config.data.to_dict()
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    d = {k: v for k, v in config.data.to_dict().items() if k in names}
     if eval_mode:
-        d.update(json_paths=tuple(config.eval.json_paths), image_folder=config.eval.image_folder,
-                 tfds_name="", shuffle=False)
-    return DataConfig(
-        json_paths=tuple(d["json_paths"]), image_folder=d["image_folder"] or None,
-        allow_outside_image_folder=d.get("allow_outside_image_folder", False),
-        medical=d.get("medical", {}),
-        tfds_name=d["tfds_name"] or None, tfds_split=d["tfds_split"],
-        tfds_data_dir=d["tfds_data_dir"] or None, template=d["template"],
-        max_len=d["max_len"], response_len=d["response_len"], caption_len=d["caption_len"],
-        image_size=mcfg.image_size, image_aspect=d["image_aspect"],
-        vision_type=mcfg.vision_type,
-        num_image_tokens=mcfg.num_image_tokens, mm_use_im_start_end=d["mm_use_im_start_end"],
-        batch_size=batch_size, seed=d["seed"], fraction=d["fraction"],
-        max_bad_fraction=d["max_bad_fraction"], worker_count=d["worker_count"],
-        read_threads=d["read_threads"], shuffle=d["shuffle"] and not eval_mode,
-        num_epochs=None if not eval_mode else 1,
-        packing=d.get("packing", False) and not eval_mode,
-        images_per_row=d.get("images_per_row", 1), examples_per_row=d.get("examples_per_row", 1),
-    )
+        d.update(json_paths=config.eval.json_paths, image_folder=config.eval.image_folder,
+                 tfds_name="", shuffle=False, packing=False)
+    for optional in ("image_folder", "tfds_name", "tfds_data_dir"):
+        d[optional] = d.get(optional) or None  # '' in a config: unset
+    return DataConfig(**{
+        **d, "json_paths": tuple(d["json_paths"]), "image_size": mcfg.image_size,
+        "vision_type": mcfg.vision_type, "num_image_tokens": mcfg.num_image_tokens,
+        "batch_size": batch_size, "num_epochs": 1 if eval_mode else None})
 
 
 def examples_per_step(config) -> float:
@@ -196,10 +191,8 @@ def initial_params(config, mcfg, init_fn, abstract: dict) -> dict:
         params = fresh(tuple(abstract))
     else:
         mesh = jax.tree.leaves(shardings["model"])[0].mesh
-        model = init_source_model_params(config, mcfg, mesh, rules_of(config))
-        model = jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
-                             model, abstract["model"])
-        loaded = {"model": model}
+        # Already in param_dtype and placed by the same rules: no second copy is made.
+        loaded = {"model": init_source_model_params(config, mcfg, mesh, rules_of(config))}
         if src == "workdir" and "alignment" in abstract:
             loaded.update(alignment_from_workdir(config.init.workdir, abstract["alignment"]))
         params = {**fresh(tuple(k for k in abstract if k not in loaded)), **loaded}
@@ -399,10 +392,13 @@ def abstract_initial_params(run: Run) -> dict:
 
 def init_train_state(run: Run) -> dict:
     params = initial_params(run.config, run.model, run.init_fn, abstract_initial_params(run))
+    # Donated: the state's params reuse these buffers, so building the state adds only the
+    # optimizer moments (a 7B host converting with from-hf holds one copy of the weights).
     init = jax.jit(
         lambda p: st.init_state(lora.hold_base(p, run.step_config.lora), run.mask, run.optimizer),
-        out_shardings=run.state_sharding)
+        out_shardings=run.state_sharding, donate_argnums=0)
     state = init(params)
+    del params
     check_against_abstract(state, sharded_abstract(run.abstract_state, run.state_sharding),
                            "initial train state")
     return state
@@ -467,22 +463,22 @@ class _Interruption:
             signal.signal(s, old)
 
 
-def evaluate_lm(run: Run, params, tokenizer, max_batches: int = 0) -> dict[str, float]:
-    """Token-level LM loss on the eval set (one ordered pass)."""
+def make_evaluators(config, workdir: str, mcfg: ModelConfig, tokenizer) -> list:
+    """The evaluations ``config.eval`` asks for, each checked now (before anything compiles):
+    LM loss on ``eval.json_paths``, best-step selection with ``eval.select_metric``."""
     from exgra_jax.data.pipeline import make_eval_iterator  # noqa: PLC0415
 
-    cfg = run.config
-    per_host = cfg.eval.batch_size // jax.process_count()
-    it = make_eval_iterator(data_config(cfg, run.model, per_host, eval_mode=True), tokenizer)
-    nll = tokens = 0.0
-    for i, host in enumerate(it):
-        if max_batches and i >= max_batches:
-            break
-        out = jax.device_get(run.eval_step(params, parallel.make_global_batch(host, run.mesh)))
-        nll += float(out["nll_sum"])
-        tokens += float(out["tokens"])
-    it.close()
-    return {"lm_loss": nll / max(tokens, 1.0), "tokens": tokens}
+    evaluators: list = []
+    if config.eval.json_paths:
+        dcfg = data_config(config, mcfg, config.eval.batch_size // jax.process_count(),
+                           eval_mode=True)
+        evaluators.append(LMLoss(lambda: make_eval_iterator(dcfg, tokenizer),
+                                 config.train.eval_batches))
+    if config.eval.select_metric:
+        from exgra_jax.train.selection import VQASelection  # noqa: PLC0415
+
+        evaluators.append(VQASelection(config, workdir, mcfg, tokenizer))
+    return evaluators
 
 
 def _finished_metrics(workdir: str, step: int) -> dict[str, Any] | None:
@@ -540,8 +536,9 @@ def _write_config(config, workdir: str) -> None:
         paths.write_text(paths.join(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2))
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Train per ``config`` in ``workdir``; returns the last metrics."""
+def train_and_evaluate(config, workdir: str, evaluators: Sequence = ()) -> dict[str, Any]:
+    """Train per ``config`` in ``workdir``; returns the last metrics. ``evaluators`` run at
+    evaluation steps after those ``config.eval`` asks for (``exgra_jax.train.evaluators``)."""
     from exgra_jax.data.pipeline import make_source, make_train_iterator  # noqa: PLC0415
     from exgra_jax.data.tokenizer import check_tokenizer, load_tokenizer  # noqa: PLC0415
 
@@ -553,11 +550,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     mcfg = model_config(config)
     tokenizer = load_tokenizer(config.tokenizer)
     check_tokenizer(tokenizer, mcfg)
-    selection = None
-    if config.eval.select_metric:
-        from exgra_jax.train.selection import VQASelection  # noqa: PLC0415
-
-        selection = VQASelection(config, workdir, mcfg, tokenizer)
+    evaluators = [*make_evaluators(config, workdir, mcfg, tokenizer), *evaluators]
+    check_names(evaluators)
     per_host = config.train.global_batch_size // jax.process_count()
     dcfg = data_config(config, mcfg, per_host)
     source = make_source(dcfg)
@@ -595,18 +589,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     last: dict[str, Any] = {}
     step = start
 
+    context = EvalContext(run.mesh, run.eval_step, meta, run.step_config.lora)
+
     def evaluate(step: int, params) -> dict[str, Any]:
-        """The evaluations due at ``step``: LM loss on the eval set, validation VQA."""
         out: dict[str, Any] = {}
-        if config.eval.json_paths:
-            lm = evaluate_lm(run, params, tokenizer, t.eval_batches)
-            writer.write(step, lm, "eval")
-            if step == total:
-                out["eval"] = lm
-        if selection is not None:
-            out["val_vqa"] = selection.evaluate(
-                step, lora.with_adapters(params, run.step_config.lora), run.mesh, meta)
-            writer.write(step, out["val_vqa"], "val_vqa")
+        for evaluator in evaluators:
+            out[evaluator.name] = evaluator.evaluate(step, params, context)
+            writer.write(step, out[evaluator.name], evaluator.name)
         return out
 
     stop_at = min(total, start + t.stop_after_steps) if t.stop_after_steps else total
@@ -659,8 +648,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             last.update(evaluate(step, state["params"]))
     finally:
         ckpt.close()
-        if selection is not None:
-            last["best"] = selection.best.record
+        for evaluator in evaluators:
+            last.update(evaluator.final())
         writer.close()
         interrupt.restore()
         train_iter.close()

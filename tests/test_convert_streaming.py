@@ -1,6 +1,7 @@
 """to-hf streams a checkpoint leaf by leaf: the export equals the one written from the whole
 restored tree, file for file and byte for byte, while each parameter leaf is read once and
-released before the next is read."""
+released before the next is read. Loading Hugging Face weights releases each host array as
+it is placed."""
 
 from __future__ import annotations
 
@@ -94,3 +95,54 @@ def test_each_leaf_is_read_once_and_released_before_the_next(workdir, tmp_path):
     assert sorted(single.keys()) == sorted(sharded.keys())
     for name in single.keys():
         np.testing.assert_array_equal(sharded.get(name), single.get(name), err_msg=name)
+
+
+def test_hf_weights_are_placed_leaf_by_leaf_each_host_copy_released(monkeypatch):
+    """from-hf (and every HF init source) holds the weights once: each host array is
+    released as it is placed on the devices (kept to compare: the whole tree held until
+    every leaf is placed fails this)."""
+    from exgra_jax.eval import checkpoint_loading
+    from exgra_jax.models.llava import abstract_params
+    from exgra_jax.parallel import DEFAULT_RULES, make_mesh
+    from exgra_jax.train.defaults import base_config
+
+    config = base_config("tiny")
+    config.init.source = "llava_hf"
+    mcfg = mc.ModelConfig.from_dict(config.model.to_dict())
+    rng = np.random.default_rng(0)
+    host = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                        abstract_params(mcfg))
+    refs = [weakref.ref(x) for x in jax.tree.leaves(host)]
+    given = [host]  # handed over once: the loader's caller then holds the only reference
+    del host
+    monkeypatch.setattr(checkpoint_loading, "hf_model_params", lambda c, m: given.pop())
+    done = []  # (weakref to a placed host array, its device copy)
+    put = jax.device_put
+
+    def aliased(host: np.ndarray, placed: jax.Array) -> bool:
+        """Whether a device shard lies in ``host``'s buffer (on CPU, jax may place a host
+        array, or slices of it, without copying: then the weights are held once)."""
+        start = host.ctypes.data
+        return any(start <= s.data.unsafe_buffer_pointer() < start + host.nbytes
+                   for s in placed.addressable_shards)
+
+    def held_twice() -> int:
+        """Placed weights whose host array is still alive beside a separate device copy."""
+        return sum(r() is not None and not aliased(r(), out) for r, out in done)
+
+    def counting_put(x, *args, **kwargs):
+        loaded = [r for r in refs if r() is x]
+        # The runtime may hold the last host array a little after its copy: one at most.
+        assert not loaded or held_twice() <= 1, "placed weights are still held on the host"
+        # Waited for: the runtime holds a host array until its transfer is done.
+        out = put(x, *args, **kwargs).block_until_ready()
+        done.extend((r, out) for r in loaded)
+        return out
+
+    monkeypatch.setattr(jax, "device_put", counting_put)
+    mesh = make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    placed = checkpoint_loading.init_source_model_params(config, mcfg, mesh,
+                                                         [tuple(r) for r in DEFAULT_RULES])
+    n = len(refs)
+    assert len(done) == n and held_twice() <= 1
+    assert len(jax.tree.leaves(placed)) == n

@@ -221,19 +221,20 @@ def init_source_model_params(config, mcfg: ModelConfig, mesh: Mesh | None, rules
     dt = dtype_of(mcfg.param_dtype)
     if mesh is None:
         return jax.tree.map(lambda x: np.asarray(x, dt), loaded)
-    return _placed_one_by_one(loaded, shardings, dt)
+    leaves, treedef = jax.tree.flatten(loaded)
+    del loaded  # the list is now the only holder of the host arrays
+    return jax.tree.unflatten(
+        treedef, _placed_one_by_one(leaves, treedef.flatten_up_to(shardings), dt))
 
 
-def _placed_one_by_one(host: dict, shardings: Any, dt) -> Any:
-    """Host numpy ``host`` placed by ``shardings`` in ``dt``, each host array released as
+def _placed_one_by_one(host: list, shardings: list, dt) -> list:
+    """Host numpy arrays placed by ``shardings`` in ``dt``, each dropped from ``host`` as
     soon as its device copy exists: the host never holds the weights twice."""
-    leaves, treedef = jax.tree.flatten(host)
-    del host  # the caller passed its last reference; the list below is now the only one
     placed = []
-    for i, sh in enumerate(treedef.flatten_up_to(shardings)):
-        placed.append(jax.device_put(np.asarray(leaves[i], dt), sh))
-        leaves[i] = None
-    return jax.tree.unflatten(treedef, placed)
+    for i, sh in enumerate(shardings):
+        placed.append(jax.device_put(np.asarray(host[i], dt), sh))
+        host[i] = None
+    return placed
 
 
 def hf_model_params(config, mcfg: ModelConfig) -> dict:

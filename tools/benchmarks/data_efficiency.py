@@ -13,6 +13,12 @@ as many steps as the batch-16 arm, so 4x the samples).
         [--pretrain-epochs 4 --finetune-steps 150 --eval-questions 0]
     python tools/benchmarks/data_efficiency.py --out /tmp/data_eff --summarize
 
+With --warmup-epochs E the demo LLM is first trained on text alone, E epochs over the
+synthetic captions (every record's short and extended caption as an answer, no image; one
+warm-up per seed, OUT/warmup_sSEED), and every arm's pre-training starts from it
+(init.source=workdir): stages 1-2 then begin from a language model that already knows the
+captions' language, as the paper's begin from a pre-trained LLaMA, instead of from scratch.
+
 Results are appended to OUT/results.jsonl as each arm ends, and arms already there are
 skipped, so a sweep can be stopped and resumed; --summarize prints the tables from it.
 Prints mean +- std per arm and metric, the paired differences with a 95% t interval, and
@@ -74,6 +80,10 @@ def run_arm(arm, seed: int, data: str, args, env) -> dict:
     tic = time.time()
     # Same number of steps for either batch size (the batch-16 count).
     pre_steps = max(1, int(args.pretrain_epochs * fraction * args.pretrain_size / 16))
+    init = []
+    if args.warmup_epochs:
+        init = ["--config.init.source=workdir",
+                f"--config.init.workdir={warm_up(seed, data, args, env)}"]
     align = [f"--config.alignment.enabled={solver is not None}"]
     if solver is not None:
         align += [f"--config.alignment.solver={solver}", "--config.alignment.graph_scope=fixed",
@@ -81,7 +91,7 @@ def run_arm(arm, seed: int, data: str, args, env) -> dict:
     sh(["launch/train.py", cfg, f"--workdir={pre}",
         f"--config.data.json_paths={(f'{data}/pretrain.json', f'{data}/instruct.json')!r}",
         f"--config.data.fraction={fraction}", f"--config.train.global_batch_size={batch}",
-        f"--config.train.total_steps={pre_steps}", *align, *seeds], env)
+        f"--config.train.total_steps={pre_steps}", *align, *init, *seeds], env)
     # Fine-tuning is a new run (own schedule and data) initialised from the pre-trained params.
     sh(["launch/train.py", cfg, f"--workdir={fine}",
         f"--config.data.json_paths={(f'{data}/vqa/train.json',)!r}",
@@ -95,7 +105,41 @@ def run_arm(arm, seed: int, data: str, args, env) -> dict:
         metrics = json.load(f)
     return {"arm": name, "seed": seed, "fraction": fraction, "solver": solver or "off",
             "graph_size": graph_size, "batch": batch, "pretrain_steps": pre_steps,
+            "warmup_epochs": args.warmup_epochs,
             "minutes": (time.time() - tic) / 60, **{k: metrics[k] for k in METRICS}}
+
+
+def caption_texts(data: str) -> str:
+    """Text-only records (no image) whose answers are every pre-training and instruction
+    record's short and extended caption, deduplicated, as OUT/data/warmup.json."""
+    out = os.path.join(data, "warmup.json")
+    texts = []
+    for name in ("pretrain.json", "instruct.json"):
+        with open(os.path.join(data, name)) as f:
+            for record in json.load(f):
+                for turns in (record["conversations"], record.get("conversations_long") or []):
+                    texts += [t["value"] for t in turns if t["from"] == "gpt"]
+    records = [{"id": f"caption_{i:05d}", "conversations": [
+        {"from": "human", "value": "Describe a medical image."}, {"from": "gpt", "value": t}]}
+        for i, t in enumerate(dict.fromkeys(texts))]
+    with open(out, "w") as f:
+        json.dump(records, f)
+    return out
+
+
+def warm_up(seed: int, data: str, args, env) -> str:
+    """The seed's text-only warm-up run (trained once, reused by every arm of the seed)."""
+    workdir = os.path.join(args.out, f"warmup_s{seed}")
+    if os.path.exists(os.path.join(workdir, "final_metrics.json")):
+        return workdir
+    texts = caption_texts(data)
+    with open(texts) as f:
+        steps = max(1, int(args.warmup_epochs * len(json.load(f)) / 16))
+    sh(["launch/train.py", f"--config=configs/demo.py:{data}", f"--workdir={workdir}",
+        f"--config.data.json_paths={(texts,)!r}", "--config.alignment.enabled=False",
+        f"--config.train.total_steps={steps}", f"--config.train.seed={seed}",
+        f"--config.data.seed={seed}"], env)
+    return workdir
 
 
 def first_questions(data: str, count: int) -> str:
@@ -163,6 +207,8 @@ def main() -> None:
     p.add_argument("--pretrain-epochs", type=float, default=4.0)
     p.add_argument("--finetune-steps", type=int, default=150)
     p.add_argument("--eval-questions", type=int, default=0, help="first N test questions; 0: all")
+    p.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="text-only warm-up of the LLM on the captions first (0: none)")
     p.add_argument("--summarize", action="store_true", help="only print the tables")
     args = p.parse_args()
     results = os.path.join(args.out, "results.jsonl")

@@ -468,12 +468,14 @@ def make_evaluators(config, workdir: str, mcfg: ModelConfig, tokenizer) -> list:
     LM loss on ``eval.json_paths``, best-step selection with ``eval.select_metric``."""
     from exgra_jax.data.pipeline import make_eval_iterator  # noqa: PLC0415
 
+    def eval_batches():  # built when used: eval.batch_size is validated with the run
+        per_host = config.eval.batch_size // jax.process_count()
+        return make_eval_iterator(data_config(config, mcfg, per_host, eval_mode=True),
+                                  tokenizer)
+
     evaluators: list = []
     if config.eval.json_paths:
-        dcfg = data_config(config, mcfg, config.eval.batch_size // jax.process_count(),
-                           eval_mode=True)
-        evaluators.append(LMLoss(lambda: make_eval_iterator(dcfg, tokenizer),
-                                 config.train.eval_batches))
+        evaluators.append(LMLoss(eval_batches, config.train.eval_batches))
     if config.eval.select_metric:
         from exgra_jax.train.selection import VQASelection  # noqa: PLC0415
 

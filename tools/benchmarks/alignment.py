@@ -263,6 +263,9 @@ def _bench_size(n: int, d: int, repeats: int, solver: str) -> dict:
 
 
 def main():
+    from exgra_jax.runtime import setup_process  # noqa: PLC0415
+
+    setup_process()  # CPU here: no TPU probing (libtpu is installed for AOT compiles)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,64,256")
     parser.add_argument("--dim", type=int, default=4096)

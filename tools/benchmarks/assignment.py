@@ -65,6 +65,9 @@ def _bench_size(n, fns, repeats, in_graph):
 
 
 def main():
+    from exgra_jax.runtime import setup_process  # noqa: PLC0415
+
+    setup_process()  # CPU here: no TPU probing (libtpu is installed for AOT compiles)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16,32,64,128,256")
     parser.add_argument("--repeats", type=int, default=20)

@@ -89,6 +89,9 @@ def measure(json_path: str, image_folder: str, tokenizer, batch_size: int,
 
 
 def main():
+    from exgra_jax.runtime import setup_process  # noqa: PLC0415
+
+    setup_process()  # CPU here: no TPU probing (libtpu is installed for AOT compiles)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 500_000])
     parser.add_argument("--images", type=int, default=8)

@@ -114,6 +114,9 @@ def run_torch(model, ids, mask, pix, new_tokens, repeats):
 
 
 def main():
+    from exgra_jax.runtime import setup_process  # noqa: PLC0415
+
+    setup_process()  # CPU here: no TPU probing (libtpu is installed for AOT compiles)
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -207,6 +207,9 @@ def _time_batches(iterator, num_batches, batch_size):
 
 
 def main():
+    from exgra_jax.runtime import setup_process  # noqa: PLC0415
+
+    setup_process()  # CPU here: no TPU probing (libtpu is installed for AOT compiles)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)

@@ -295,6 +295,9 @@ def run_throughput(directory: str, mix: str, tokenizer, num: int, rows: int, ste
 
 
 def main():
+    from exgra_jax.runtime import setup_process  # noqa: PLC0415
+
+    setup_process()  # CPU here: no TPU probing (libtpu is installed for AOT compiles)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=512, help="records per mix")
     parser.add_argument("--rows", type=int, default=8, help="rows per host batch")

@@ -135,6 +135,9 @@ def study(n, draws, iters_list, restarts, solve):
 
 
 def main():
+    from exgra_jax.runtime import setup_process  # noqa: PLC0415
+
+    setup_process()  # CPU here: no TPU probing (libtpu is installed for AOT compiles)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="6,7,16,32,64")
     p.add_argument("--iters", default="0,1,2,5,10,20,50")

@@ -37,7 +37,7 @@ from exgra_jax.models import lora
 from exgra_jax.models.config import ModelConfig
 from exgra_jax.models.llava import init_boxed_params
 from exgra_jax.train import state as st
-from exgra_jax.train.evaluators import EvalContext, LMLoss, check_names
+from exgra_jax.train.evaluators import EvalContext, Evaluator, LMLoss, check_names
 from exgra_jax.train.step import StepConfig, make_eval_step, make_train_step, pack_layout
 from exgra_jax.workdir import CHECKPOINTS, CONFIG_JSON, FINAL_METRICS, TENSORBOARD
 
@@ -463,7 +463,7 @@ class _Interruption:
             signal.signal(s, old)
 
 
-def make_evaluators(config, workdir: str, mcfg: ModelConfig, tokenizer) -> list:
+def make_evaluators(config, workdir: str, mcfg: ModelConfig, tokenizer) -> list[Evaluator]:
     """The evaluations ``config.eval`` asks for, each checked now (before anything compiles):
     LM loss on ``eval.json_paths``, best-step selection with ``eval.select_metric``."""
     from exgra_jax.data.pipeline import make_eval_iterator  # noqa: PLC0415
@@ -473,7 +473,7 @@ def make_evaluators(config, workdir: str, mcfg: ModelConfig, tokenizer) -> list:
         return make_eval_iterator(data_config(config, mcfg, per_host, eval_mode=True),
                                   tokenizer)
 
-    evaluators: list = []
+    evaluators: list[Evaluator] = []
     if config.eval.json_paths:
         evaluators.append(LMLoss(eval_batches, config.train.eval_batches))
     if config.eval.select_metric:
@@ -538,7 +538,8 @@ def _write_config(config, workdir: str) -> None:
         paths.write_text(paths.join(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2))
 
 
-def train_and_evaluate(config, workdir: str, evaluators: Sequence = ()) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str,
+                       evaluators: Sequence[Evaluator] = ()) -> dict[str, Any]:
     """Train per ``config`` in ``workdir``; returns the last metrics. ``evaluators`` run at
     evaluation steps after those ``config.eval`` asks for (``exgra_jax.train.evaluators``)."""
     from exgra_jax.data.pipeline import make_source, make_train_iterator  # noqa: PLC0415

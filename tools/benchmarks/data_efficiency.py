@@ -109,9 +109,10 @@ def run_arm(arm, seed: int, data: str, args, env) -> dict:
             "minutes": (time.time() - tic) / 60, **{k: metrics[k] for k in METRICS}}
 
 
-def caption_texts(data: str) -> str:
+def caption_texts(data: str) -> tuple[str, int]:
     """Text-only records (no image) whose answers are every pre-training and instruction
-    record's short and extended caption, deduplicated, as OUT/data/warmup.json."""
+    record's short and extended caption, deduplicated, as OUT/data/warmup.json; (its path,
+    its record count)."""
     out = os.path.join(data, "warmup.json")
     texts = []
     for name in ("pretrain.json", "instruct.json"):
@@ -124,7 +125,7 @@ def caption_texts(data: str) -> str:
         for i, t in enumerate(dict.fromkeys(texts))]
     with open(out, "w") as f:
         json.dump(records, f)
-    return out
+    return out, len(records)
 
 
 def warm_up(seed: int, data: str, args, env) -> str:
@@ -132,9 +133,8 @@ def warm_up(seed: int, data: str, args, env) -> str:
     workdir = os.path.join(args.out, f"warmup_s{seed}")
     if os.path.exists(os.path.join(workdir, "final_metrics.json")):
         return workdir
-    texts = caption_texts(data)
-    with open(texts) as f:
-        steps = max(1, int(args.warmup_epochs * len(json.load(f)) / 16))
+    texts, count = caption_texts(data)
+    steps = max(1, int(args.warmup_epochs * count / 16))
     sh(["launch/train.py", f"--config=configs/demo.py:{data}", f"--workdir={workdir}",
         f"--config.data.json_paths={(texts,)!r}", "--config.alignment.enabled=False",
         f"--config.train.total_steps={steps}", f"--config.train.seed={seed}",
